@@ -1,0 +1,255 @@
+//! Access control: who is calling (a [`Principal`]), what they may do, and the capability
+//! ([`Allowed`]) that proves a decision was made. Record operations take an `Allowed<A>`, which
+//! only [`Authorizer::decide`] can mint, so a forgotten check does not compile.
+
+pub mod scopes;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+pub use scopes::{Scope, ScopeContext, ScopeParseError};
+
+/// The roles of the appliance (see `policies/` for what each may do).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Clinician,
+    Researcher,
+    Compliance,
+    Device,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Clinician => "clinician",
+            Self::Researcher => "researcher",
+            Self::Compliance => "compliance",
+            Self::Device => "device",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "clinician" => Ok(Self::Clinician),
+            "researcher" => Ok(Self::Researcher),
+            "compliance" => Ok(Self::Compliance),
+            "device" => Ok(Self::Device),
+            "admin" => Ok(Self::Admin),
+            other => Err(format!(
+                "unknown role {other:?}: expected clinician, researcher, compliance, device or admin"
+            )),
+        }
+    }
+}
+
+/// An authenticated caller, as every surface describes it to the record path.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Principal {
+    /// Client id (built-in token server) or subject (external IdP).
+    pub id: String,
+    pub role: Role,
+    pub scopes: Vec<Scope>,
+    /// The access token's `jti`, when there is one.
+    pub token_id: Option<String>,
+    pub network_address: Option<String>,
+    /// HL7 purpose of use (TREAT, ETREAT, HOPERAT, HRESCH), when stated.
+    pub purpose_of_use: Option<String>,
+    pub request_id: Option<String>,
+}
+
+impl Principal {
+    /// The appliance itself, for work the CLI does on an administrator's behalf.
+    pub fn local_administrator(purpose: &str) -> Self {
+        Self {
+            id: "local-cli".to_owned(),
+            role: Role::Admin,
+            scopes: Vec::new(),
+            token_id: None,
+            network_address: None,
+            purpose_of_use: Some(purpose.to_owned()),
+            request_id: None,
+        }
+    }
+}
+
+/// The kinds of record interaction, each a type so a grant for one cannot be used for another.
+pub trait Action: Send + Sync + 'static {
+    /// The SMART v2 letter for this action (`c`, `r`, `u`, `d`, `s`).
+    const SCOPE_LETTER: char;
+    const NAME: &'static str;
+}
+
+macro_rules! action {
+    ($name:ident, $letter:literal, $text:literal) => {
+        #[doc = concat!("The `", $text, "` interaction.")]
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name;
+        impl Action for $name {
+            const SCOPE_LETTER: char = $letter;
+            const NAME: &'static str = $text;
+        }
+    };
+}
+
+action!(Create, 'c', "create");
+action!(Read, 'r', "read");
+action!(Update, 'u', "update");
+action!(Delete, 'd', "delete");
+action!(Search, 's', "search");
+
+/// Proof that `principal` may perform `A` on records of `resource_type`.
+#[derive(Debug, Clone)]
+pub struct Allowed<A: Action> {
+    principal: Arc<Principal>,
+    resource_type: String,
+    decided_by: Vec<String>,
+    action: PhantomData<A>,
+}
+
+impl<A: Action> Allowed<A> {
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    pub fn resource_type(&self) -> &str {
+        &self.resource_type
+    }
+
+    /// The policy ids that allowed this access, for the audit leaf.
+    pub fn decided_by(&self) -> &[String] {
+        &self.decided_by
+    }
+}
+
+/// Why access was refused. Carries no PHI.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("access denied: {reason}")]
+pub struct Denied {
+    pub reason: String,
+    pub decided_by: Vec<String>,
+}
+
+/// Decides access. Deny by default: only what a rule below allows is allowed.
+#[derive(Debug, Clone, Default)]
+pub struct Authorizer;
+
+impl Authorizer {
+    /// Decides whether `principal` may do `A` on `resource_type`.
+    pub fn decide<A: Action>(
+        &self,
+        principal: &Arc<Principal>,
+        resource_type: &str,
+    ) -> Result<Allowed<A>, Denied> {
+        let policy = role_policy(principal.role, A::SCOPE_LETTER, resource_type);
+        let Some(policy) = policy else {
+            return Err(Denied {
+                reason: format!(
+                    "role {} may not {} {}",
+                    principal.role.as_str(),
+                    A::NAME,
+                    resource_type
+                ),
+                decided_by: vec![format!("role-{}-default-deny", principal.role.as_str())],
+            });
+        };
+        let scope_grants = principal
+            .scopes
+            .iter()
+            .any(|scope| scope.permits(resource_type, A::SCOPE_LETTER));
+        if !scope_grants {
+            return Err(Denied {
+                reason: format!("no granted scope permits {} on {}", A::NAME, resource_type),
+                decided_by: vec!["smart-scopes".to_owned()],
+            });
+        }
+        Ok(Allowed {
+            principal: Arc::clone(principal),
+            resource_type: resource_type.to_owned(),
+            decided_by: vec![policy.to_owned(), "smart-scopes".to_owned()],
+            action: PhantomData,
+        })
+    }
+}
+
+/// The role rules of the spine; `policies/` will hold them as Cedar.
+fn role_policy(role: Role, action: char, resource_type: &str) -> Option<&'static str> {
+    match role {
+        Role::Clinician => Some("clinician-phi-within-scope"),
+        Role::Device if action == 'c' && matches!(resource_type, "Observation" | "Device") => {
+            Some("device-writes-own-observations")
+        }
+        Role::Device | Role::Researcher | Role::Compliance | Role::Admin => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(role: Role, scopes: &str) -> Arc<Principal> {
+        Arc::new(Principal {
+            id: "c1".to_owned(),
+            role,
+            scopes: scopes
+                .split(' ')
+                .filter_map(|text| text.parse().ok())
+                .collect(),
+            token_id: None,
+            network_address: None,
+            purpose_of_use: None,
+            request_id: None,
+        })
+    }
+
+    #[test]
+    fn clinician_needs_a_matching_scope() {
+        let authorizer = Authorizer;
+        assert!(
+            authorizer
+                .decide::<Read>(&principal(Role::Clinician, "system/Patient.r"), "Patient")
+                .is_ok()
+        );
+        assert!(
+            authorizer
+                .decide::<Create>(&principal(Role::Clinician, "system/Patient.r"), "Patient")
+                .is_err()
+        );
+        assert!(
+            authorizer
+                .decide::<Read>(
+                    &principal(Role::Clinician, "system/Patient.r"),
+                    "Observation"
+                )
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn admin_and_compliance_get_no_clinical_data() {
+        let authorizer = Authorizer;
+        assert!(
+            authorizer
+                .decide::<Read>(&principal(Role::Admin, "system/*.cruds"), "Patient")
+                .is_err()
+        );
+        assert!(
+            authorizer
+                .decide::<Read>(&principal(Role::Compliance, "system/*.cruds"), "Patient")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn device_only_creates_observations() {
+        let authorizer = Authorizer;
+        let device = principal(Role::Device, "system/Observation.c system/Patient.r");
+        assert!(authorizer.decide::<Create>(&device, "Observation").is_ok());
+        assert!(authorizer.decide::<Read>(&device, "Patient").is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! API clients: registration (role, scopes, secret shown once) and secret checks in constant time.
+
+use base64::Engine as _;
+use rand::RngCore;
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+use subtle::ConstantTimeEq;
+
+use crate::access::{Role, Scope};
+use crate::storage::{Database, StorageError, now_micros};
+
+/// What `clients create` asks for.
+#[derive(Debug, Clone)]
+pub struct NewClient {
+    pub name: String,
+    pub role: Role,
+    pub scopes: Vec<Scope>,
+}
+
+/// A registered client as the token endpoint sees it.
+#[derive(Debug, Clone)]
+pub struct ClientRegistration {
+    pub client_id: String,
+    pub name: String,
+    pub role: Role,
+    pub scopes: Vec<Scope>,
+}
+
+/// The client registry.
+#[derive(Debug, Clone)]
+pub struct Clients {
+    database: Database,
+}
+
+/// Client secrets are 256 random bits, so one SHA-256 is enough to store them: there is nothing
+/// to brute-force (unlike passwords, which would need a slow hash).
+fn hash_secret(secret: &str) -> Vec<u8> {
+    Sha256::digest(secret.as_bytes()).to_vec()
+}
+
+impl Clients {
+    pub fn new(database: Database) -> Self {
+        Self { database }
+    }
+
+    /// Registers a client with a fresh secret; the secret is returned once and stored hashed.
+    pub async fn create_with_secret(
+        &self,
+        client: &NewClient,
+    ) -> Result<(String, SecretString), StorageError> {
+        let client_id = uuid::Uuid::new_v4().to_string();
+        let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        let secret = SecretString::from(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref()),
+        );
+        let scopes: Vec<&str> = client
+            .scopes
+            .iter()
+            .map(|scope| scope.text.as_str())
+            .collect();
+        sqlx::query(
+            "INSERT INTO clients (client_id, name, role, scopes, secret_sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&client_id)
+        .bind(&client.name)
+        .bind(client.role.as_str())
+        .bind(scopes.join(" "))
+        .bind(hash_secret(secret.expose_secret()))
+        .bind(now_micros())
+        .execute(self.database.pool())
+        .await?;
+        Ok((client_id, secret))
+    }
+
+    /// Whether any client with this role exists (first start creates the first admin).
+    pub async fn any_with_role(&self, role: Role) -> Result<bool, StorageError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM clients WHERE role = $1")
+            .bind(role.as_str())
+            .fetch_one(self.database.pool())
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? > 0)
+    }
+
+    /// Checks a client's secret in constant time. `None` for unknown clients and wrong secrets
+    /// alike, so callers cannot tell which.
+    pub async fn authenticate(
+        &self,
+        client_id: &str,
+        secret: &str,
+    ) -> Result<Option<ClientRegistration>, StorageError> {
+        let row = sqlx::query(
+            "SELECT name, role, scopes, secret_sha256 FROM clients WHERE client_id = $1 AND disabled_at IS NULL",
+        )
+        .bind(client_id)
+        .fetch_optional(self.database.pool())
+        .await?;
+        let presented = hash_secret(secret);
+        let Some(row) = row else {
+            // Compare against a dummy so unknown ids take as long as wrong secrets.
+            let _ = presented.ct_eq(&[0u8; 32]);
+            return Ok(None);
+        };
+        let stored: Option<Vec<u8>> = row.try_get(3)?;
+        let matches = stored.is_some_and(|stored| bool::from(stored.ct_eq(&presented)));
+        if !matches {
+            return Ok(None);
+        }
+        let role_text: String = row.try_get(1)?;
+        let scopes_text: String = row.try_get(2)?;
+        let Ok(role) = role_text.parse() else {
+            return Ok(None);
+        };
+        Ok(Some(ClientRegistration {
+            client_id: client_id.to_owned(),
+            name: row.try_get(0)?,
+            role,
+            scopes: scopes_text
+                .split_whitespace()
+                .filter_map(|text| text.parse().ok())
+                .collect(),
+        }))
+    }
+}

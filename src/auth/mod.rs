@@ -1,0 +1,8 @@
+//! Authentication: registered API clients (secrets stored hashed) and the appliance's own
+//! short-lived JWT access tokens (EdDSA), issued at `/auth/token` and checked on every request.
+
+pub mod clients;
+pub mod tokens;
+
+pub use clients::{ClientRegistration, Clients, NewClient};
+pub use tokens::{TokenError, TokenIssuer};

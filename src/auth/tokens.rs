@@ -1,0 +1,252 @@
+//! The appliance's access tokens: compact JWTs signed with Ed25519 (`EdDSA`), five minutes by
+//! default, verified with an algorithm allow-list of exactly one.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+/// Why a token was refused. Never includes the token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("the access token is malformed")]
+    Malformed,
+    #[error("the access token uses an algorithm that is not allowed")]
+    AlgorithmNotAllowed,
+    #[error("the access token was signed by an unknown key")]
+    UnknownKey,
+    #[error("the access token signature is invalid")]
+    BadSignature,
+    #[error("the access token has expired")]
+    Expired,
+    #[error("the access token is not valid yet")]
+    NotYetValid,
+    #[error("the access token was issued for another audience or issuer")]
+    WrongAudience,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Header {
+    alg: String,
+    typ: String,
+    kid: String,
+}
+
+/// The claims of an access token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AccessClaims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub exp: i64,
+    pub iat: i64,
+    pub nbf: i64,
+    pub jti: String,
+    pub scope: String,
+    pub role: String,
+}
+
+/// Signs and verifies the appliance's access tokens.
+pub struct TokenIssuer {
+    signing_key: SigningKey,
+    key_id: String,
+    issuer: String,
+    lifetime_seconds: i64,
+}
+
+impl std::fmt::Debug for TokenIssuer {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("TokenIssuer")
+            .field("key_id", &self.key_id)
+            .field("issuer", &self.issuer)
+            .finish()
+    }
+}
+
+/// Allowed clock skew between the appliance and itself across replicas.
+const LEEWAY_SECONDS: i64 = 30;
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl TokenIssuer {
+    pub fn new(seed: &[u8; 32], issuer: String, lifetime_seconds: u64) -> Self {
+        let signing_key = SigningKey::from_bytes(seed);
+        let key_id =
+            hex::encode(&sha2::Sha256::digest_bytes(signing_key.verifying_key().as_bytes())[..8]);
+        Self {
+            signing_key,
+            key_id,
+            issuer,
+            lifetime_seconds: i64::try_from(lifetime_seconds).unwrap_or(300),
+        }
+    }
+
+    pub fn lifetime_seconds(&self) -> i64 {
+        self.lifetime_seconds
+    }
+
+    /// Issues a token for a client with its role and granted scopes.
+    pub fn issue(&self, subject: &str, role: &str, scope: &str) -> String {
+        let now = unix_now();
+        let claims = AccessClaims {
+            iss: self.issuer.clone(),
+            sub: subject.to_owned(),
+            aud: self.issuer.clone(),
+            exp: now + self.lifetime_seconds,
+            iat: now,
+            nbf: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+            scope: scope.to_owned(),
+            role: role.to_owned(),
+        };
+        let header = Header {
+            alg: "EdDSA".to_owned(),
+            typ: "at+jwt".to_owned(),
+            kid: self.key_id.clone(),
+        };
+        let encode = |value: &dyn erased::Json| URL_SAFE_NO_PAD.encode(value.to_json());
+        let signing_input = format!("{}.{}", encode(&header), encode(&claims));
+        let signature = self.signing_key.sign(signing_input.as_bytes());
+        format!(
+            "{signing_input}.{}",
+            URL_SAFE_NO_PAD.encode(signature.to_bytes())
+        )
+    }
+
+    /// Verifies a token's algorithm, key, signature, times, issuer and audience.
+    pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let mut parts = token.split('.');
+        let (Some(header_part), Some(claims_part), Some(signature_part), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        let header: Header = decode_part(header_part)?;
+        if header.alg != "EdDSA" {
+            return Err(TokenError::AlgorithmNotAllowed);
+        }
+        if !bool::from(header.kid.as_bytes().ct_eq(self.key_id.as_bytes())) {
+            return Err(TokenError::UnknownKey);
+        }
+        let signature_bytes = URL_SAFE_NO_PAD
+            .decode(signature_part)
+            .map_err(|_| TokenError::Malformed)?;
+        let signature =
+            Signature::from_slice(&signature_bytes).map_err(|_| TokenError::Malformed)?;
+        let signing_input = &token[..header_part.len() + 1 + claims_part.len()];
+        self.signing_key
+            .verifying_key()
+            .verify(signing_input.as_bytes(), &signature)
+            .map_err(|_| TokenError::BadSignature)?;
+        let claims: AccessClaims = decode_part(claims_part)?;
+        let now = unix_now();
+        if claims.exp + LEEWAY_SECONDS < now {
+            return Err(TokenError::Expired);
+        }
+        if claims.nbf - LEEWAY_SECONDS > now {
+            return Err(TokenError::NotYetValid);
+        }
+        if claims.iss != self.issuer || claims.aud != self.issuer {
+            return Err(TokenError::WrongAudience);
+        }
+        Ok(claims)
+    }
+
+    /// The public key set served at `/auth/jwks`.
+    pub fn jwks(&self) -> serde_json::Value {
+        let public: VerifyingKey = self.signing_key.verifying_key();
+        serde_json::json!({
+            "keys": [{
+                "kty": "OKP",
+                "crv": "Ed25519",
+                "alg": "EdDSA",
+                "use": "sig",
+                "kid": self.key_id,
+                "x": URL_SAFE_NO_PAD.encode(public.as_bytes()),
+            }]
+        })
+    }
+}
+
+fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
+    let bytes = URL_SAFE_NO_PAD
+        .decode(part)
+        .map_err(|_| TokenError::Malformed)?;
+    serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
+}
+
+/// Small helper so header and claims serialize through one closure.
+mod erased {
+    pub trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
+    }
+}
+
+trait DigestBytes {
+    fn digest_bytes(data: &[u8]) -> Vec<u8>;
+}
+
+impl DigestBytes for sha2::Sha256 {
+    fn digest_bytes(data: &[u8]) -> Vec<u8> {
+        use sha2::Digest;
+        sha2::Sha256::digest(data).to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issuer() -> TokenIssuer {
+        TokenIssuer::new(&[3u8; 32], "https://appliance.test".to_owned(), 300)
+    }
+
+    #[test]
+    fn issued_tokens_verify() {
+        let token = issuer().issue("client-1", "clinician", "system/*.rs");
+        let claims = issuer().verify(&token).unwrap();
+        assert_eq!(claims.sub, "client-1");
+        assert_eq!(claims.scope, "system/*.rs");
+    }
+
+    #[test]
+    fn forged_tokens_are_refused() {
+        let token = issuer().issue("client-1", "clinician", "system/*.rs");
+        let other = TokenIssuer::new(&[4u8; 32], "https://appliance.test".to_owned(), 300);
+        assert_eq!(other.verify(&token), Err(TokenError::UnknownKey));
+        let parts: Vec<&str> = token.split('.').collect();
+        let none_header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"at+jwt","kid":"x"}"#);
+        assert_eq!(
+            issuer().verify(&format!("{none_header}.{}.", parts[1])),
+            Err(TokenError::AlgorithmNotAllowed)
+        );
+        let tampered_claims = URL_SAFE_NO_PAD.encode(
+            String::from_utf8(URL_SAFE_NO_PAD.decode(parts[1]).unwrap())
+                .unwrap()
+                .replace("clinician", "admin"),
+        );
+        assert_eq!(
+            issuer().verify(&format!("{}.{}.{}", parts[0], tampered_claims, parts[2])),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(issuer().verify("garbage"), Err(TokenError::Malformed));
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let expired = TokenIssuer::new(&[3u8; 32], "https://appliance.test".to_owned(), 0);
+        let mut token_issuer = expired;
+        token_issuer.lifetime_seconds = -120;
+        let token = token_issuer.issue("client-1", "clinician", "");
+        assert_eq!(issuer().verify(&token), Err(TokenError::Expired));
+    }
+}

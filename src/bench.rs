@@ -1,0 +1,305 @@
+//! `glastonbury bench`: vault encryption throughput next to the raw `age` crate, and record
+//! put/get rates on each storage engine, printed as numbers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+
+use glastonbury::access::{self, Principal, Role};
+use glastonbury::appliance::Appliance;
+use glastonbury::config::{MapEnvironment, Settings};
+use glastonbury::records::{Precondition, RecordBody};
+
+/// Concurrent writers for the record measurements (group commit shares their commits).
+const CONCURRENCY: usize = 32;
+
+#[allow(clippy::print_stdout)]
+fn report(json: bool, name: &str, value: f64, unit: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": name, "value": value, "unit": unit})
+        );
+    } else {
+        println!("{name:<48} {value:>12.1} {unit}");
+    }
+}
+
+pub async fn run(records: usize, postgres: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let directory = tempfile::tempdir()?;
+    let appliance = open_appliance(directory.path(), None).await?;
+    measure_encryption(&appliance, json).await?;
+    measure_records(&appliance, "sqlite", records, json).await?;
+    appliance.close().await;
+    if let Some(url) = postgres {
+        let database = TemporaryPostgres::create(url).await?;
+        let pg_directory = tempfile::tempdir()?;
+        let appliance = open_appliance(pg_directory.path(), Some(&database.url)).await?;
+        measure_records(&appliance, "postgres", records, json).await?;
+        appliance.close().await;
+        database.drop_database().await?;
+    }
+    Ok(())
+}
+
+async fn open_appliance(
+    data_dir: &std::path::Path,
+    database_url: Option<&str>,
+) -> anyhow::Result<Appliance> {
+    let mut environment = MapEnvironment::default()
+        .with("GLASTONBURY_DATA_DIR", data_dir.display().to_string())
+        .with("GLASTONBURY_LOG_FORMAT", "json");
+    if let Some(url) = database_url {
+        environment = environment.with("GLASTONBURY_DATABASE_URL", url);
+    }
+    let settings = Settings::load(None, &environment)?;
+    let (appliance, _) = Appliance::open(settings).await?;
+    Ok(appliance)
+}
+
+async fn measure_encryption(appliance: &Appliance, json: bool) -> anyhow::Result<()> {
+    let payload = vec![0x5au8; 1 << 20];
+    let rounds = 64;
+    let raw_identity = age::x25519::Identity::generate();
+    let raw_recipient = raw_identity.to_public();
+    let started = Instant::now();
+    let mut raw_ciphertext = Vec::new();
+    for _ in 0..rounds {
+        raw_ciphertext = age::encrypt(&raw_recipient, &payload)?;
+    }
+    report(
+        json,
+        "age crate encrypt (1 MiB payloads)",
+        mib_per_second(rounds, started),
+        "MiB/s",
+    );
+    let started = Instant::now();
+    for _ in 0..rounds {
+        age::decrypt(&raw_identity, &raw_ciphertext)?;
+    }
+    report(
+        json,
+        "age crate decrypt (1 MiB payloads)",
+        mib_per_second(rounds, started),
+        "MiB/s",
+    );
+
+    let vault = &appliance.vault;
+    let patient_ref = vault.patient_ref(Some("bench-patient"));
+    let started = Instant::now();
+    let mut vault_ciphertext = Vec::new();
+    for _ in 0..rounds {
+        vault_ciphertext = vault.encrypt_for_patient(&patient_ref, &payload).await?;
+    }
+    report(
+        json,
+        "vault encrypt (1 MiB payloads)",
+        mib_per_second(rounds, started),
+        "MiB/s",
+    );
+    let started = Instant::now();
+    for _ in 0..rounds {
+        vault
+            .decrypt_for_patient(&patient_ref, &vault_ciphertext)
+            .await?;
+    }
+    report(
+        json,
+        "vault decrypt (1 MiB payloads)",
+        mib_per_second(rounds, started),
+        "MiB/s",
+    );
+
+    let small = vec![0x5au8; 2048];
+    let small_rounds = 2000;
+    let started = Instant::now();
+    for _ in 0..small_rounds {
+        age::encrypt(&raw_recipient, &small)?;
+    }
+    report(
+        json,
+        "age crate encrypt (2 KiB records)",
+        per_second(small_rounds, started),
+        "ops/s",
+    );
+    let started = Instant::now();
+    for _ in 0..small_rounds {
+        vault.encrypt_for_patient(&patient_ref, &small).await?;
+    }
+    report(
+        json,
+        "vault encrypt (2 KiB records)",
+        per_second(small_rounds, started),
+        "ops/s",
+    );
+    Ok(())
+}
+
+fn bench_principal() -> Arc<Principal> {
+    Arc::new(Principal {
+        id: "bench".to_owned(),
+        role: Role::Clinician,
+        scopes: vec![
+            "system/*.cruds"
+                .parse()
+                .unwrap_or_else(|_| unreachable_scope()),
+        ],
+        token_id: None,
+        network_address: None,
+        purpose_of_use: Some("TREAT".to_owned()),
+        request_id: None,
+    })
+}
+
+#[cold]
+fn unreachable_scope() -> ! {
+    panic!("the benchmark scope is a valid SMART scope")
+}
+
+async fn measure_records(
+    appliance: &Appliance,
+    engine: &str,
+    count: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let principal = bench_principal();
+    let records = Arc::clone(&appliance.records);
+    let create = Arc::new(
+        records
+            .authorize::<access::Create>(&principal, "Observation")
+            .await?,
+    );
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..CONCURRENCY {
+        let records = Arc::clone(&records);
+        let create = Arc::clone(&create);
+        tasks.push(tokio::spawn(async move {
+            for index in (worker..count).step_by(CONCURRENCY) {
+                let body = RecordBody {
+                    patient_id: Some(format!("patient-{}", index % 100)),
+                    content_type: "application/fhir+json".to_owned(),
+                    body: Bytes::from(format!(
+                        r#"{{"resourceType":"Observation","id":"obs-{index}","status":"final","subject":{{"reference":"Patient/patient-{}"}},"valueQuantity":{{"value":{index},"unit":"bpm"}}}}"#,
+                        index % 100
+                    )),
+                };
+                records.create(&create, &format!("obs-{index}"), body).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("benchmark writer panicked")??;
+    }
+    report(
+        json,
+        &format!("{engine}: record puts ({CONCURRENCY} concurrent)"),
+        per_second(count, started),
+        "puts/s",
+    );
+
+    let read = Arc::new(
+        records
+            .authorize::<access::Read>(&principal, "Observation")
+            .await?,
+    );
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..CONCURRENCY {
+        let records = Arc::clone(&records);
+        let read = Arc::clone(&read);
+        tasks.push(tokio::spawn(async move {
+            for index in (worker..count).step_by(CONCURRENCY) {
+                records.read(&read, &format!("obs-{index}")).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await.context("benchmark reader panicked")??;
+    }
+    report(
+        json,
+        &format!("{engine}: record gets, audited ({CONCURRENCY} concurrent)"),
+        per_second(count, started),
+        "gets/s",
+    );
+
+    let update = records
+        .authorize::<access::Update>(&principal, "Observation")
+        .await?;
+    let started = Instant::now();
+    let serial = count.min(500);
+    for index in 0..serial {
+        let body = RecordBody {
+            patient_id: None,
+            content_type: "application/json".to_owned(),
+            body: Bytes::from_static(b"{}"),
+        };
+        records
+            .update(
+                &update,
+                &format!("serial-{index}"),
+                body,
+                Precondition::None,
+            )
+            .await?;
+    }
+    report(
+        json,
+        &format!("{engine}: record puts (1 writer)"),
+        per_second(serial, started),
+        "puts/s",
+    );
+    Ok(())
+}
+
+fn per_second(count: usize, started: Instant) -> f64 {
+    count as f64 / started.elapsed().as_secs_f64()
+}
+
+fn mib_per_second(rounds: usize, started: Instant) -> f64 {
+    rounds as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A uniquely named PostgreSQL database, dropped at the end.
+struct TemporaryPostgres {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TemporaryPostgres {
+    async fn create(admin_url: &str) -> anyhow::Result<Self> {
+        use sqlx::Connection;
+        let name = format!("glastonbury_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut connection = sqlx::PgConnection::connect(admin_url)
+            .await
+            .context("cannot reach PostgreSQL")?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut connection)
+            .await?;
+        let mut url = url::Url::parse(admin_url)?;
+        url.set_path(&name);
+        Ok(Self {
+            admin_url: admin_url.to_owned(),
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    async fn drop_database(self) -> anyhow::Result<()> {
+        use sqlx::Connection;
+        let mut connection = sqlx::PgConnection::connect(&self.admin_url).await?;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut connection)
+        .await?;
+        Ok(())
+    }
+}

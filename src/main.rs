@@ -1,0 +1,408 @@
+//! The `glastonbury` command: serve the appliance, initialize it, and administer clients, keys
+//! and patients.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+mod bench;
+
+use glastonbury::access::{Principal, Role, Scope};
+use glastonbury::appliance::{Appliance, Initialization};
+use glastonbury::auth::NewClient;
+use glastonbury::config::{ProcessEnvironment, Settings};
+
+/// Glastonbury: a FHIR R4 server and DICOM gateway that keeps every record encrypted at rest and
+/// every access in a verifiable audit journal.
+#[derive(Debug, Parser)]
+#[command(name = "glastonbury", version, about, propagate_version = true)]
+struct Cli {
+    /// Settings file (default: $GLASTONBURY_CONFIG, else ./glastonbury.toml if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the appliance. The first start on an empty data dir creates keys and database.
+    Serve {
+        /// Print the effective settings (secrets masked) and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+    /// Initialize a data dir (keys, database, first admin client) without serving.
+    Init,
+    /// Manage API clients.
+    Clients {
+        #[command(subcommand)]
+        command: ClientsCommand,
+    },
+    /// Obtain an access token from the running server and print it.
+    Token {
+        /// The client id.
+        #[arg(long)]
+        client: String,
+        /// The client secret (or set GLASTONBURY_CLIENT_SECRET... prefer a file: --secret-file).
+        #[arg(long, conflicts_with = "secret_file")]
+        secret: Option<String>,
+        /// A file holding the client secret.
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
+        /// Space-separated scopes to ask for (default: all the client's scopes).
+        #[arg(long)]
+        scope: Option<String>,
+        /// Base URL of the server (default: from the settings' HTTP address).
+        #[arg(long)]
+        server: Option<String>,
+    },
+    /// Master key operations.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Per-patient key operations.
+    Patient {
+        #[command(subcommand)]
+        command: PatientCommand,
+    },
+    /// Measure vault and storage throughput and print the numbers.
+    Bench {
+        /// How many records each put/get measurement writes and reads.
+        #[arg(long, default_value_t = 2000)]
+        records: usize,
+        /// Also measure PostgreSQL at this URL (default: $GLASTONBURY_TEST_DATABASE_URL).
+        #[arg(long)]
+        postgres: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientsCommand {
+    /// Register an API client; prints its id and, once, its secret.
+    Create {
+        /// A name to recognize the client by.
+        #[arg(long)]
+        name: String,
+        /// clinician, researcher, compliance, device or admin.
+        #[arg(long)]
+        role: String,
+        /// A SMART scope the client may be granted (repeatable), e.g. system/Observation.cruds.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        /// Authenticate with a generated client secret (the default, and the only method so far).
+        #[arg(long)]
+        secret: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a new master key and re-wrap every patient key under it (payloads untouched).
+    Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+enum PatientCommand {
+    /// Destroy one patient's key: their data becomes unreadable (audited).
+    Shred {
+        /// The patient's logical id.
+        id: String,
+    },
+    /// Write one patient's age identity to a file so the standard `age` CLI can decrypt their
+    /// blobs (audited).
+    ExportKey {
+        /// The patient's logical id.
+        id: String,
+        /// Where to write the identity (created with mode 0600; must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => exit_with_error(&anyhow::Error::from(error)),
+    };
+    if let Err(error) = runtime.block_on(run(cli)) {
+        exit_with_error(&error);
+    }
+}
+
+fn exit_with_error(error: &anyhow::Error) -> ! {
+    let message = format!("{error:#}").replace('\n', " ");
+    eprintln!("error: {message}");
+    std::process::exit(1)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref(), &ProcessEnvironment)?;
+    glastonbury::telemetry::init(settings.log_format);
+    match cli.command {
+        Command::Serve { print_config: true } => {
+            print!("{}", settings.to_masked_toml());
+            Ok(())
+        }
+        Command::Serve {
+            print_config: false,
+        } => serve(settings).await,
+        Command::Init => {
+            let (appliance, initialization) = open(settings).await?;
+            report_initialization(&appliance, &initialization, cli.json);
+            appliance.close().await;
+            Ok(())
+        }
+        Command::Clients { command } => clients(settings, command, cli.json).await,
+        Command::Token {
+            client,
+            secret,
+            secret_file,
+            scope,
+            server,
+        } => token(&settings, &client, secret, secret_file, scope, server).await,
+        Command::Keys {
+            command: KeysCommand::Rotate,
+        } => rotate_keys(settings, cli.json).await,
+        Command::Patient { command } => patient(settings, command, cli.json).await,
+        Command::Bench { records, postgres } => {
+            let postgres = postgres.or_else(|| std::env::var("GLASTONBURY_TEST_DATABASE_URL").ok());
+            bench::run(records, postgres.as_deref(), cli.json).await
+        }
+    }
+}
+
+async fn open(settings: Settings) -> anyhow::Result<(Appliance, Initialization)> {
+    let data_dir = settings.data_dir.clone();
+    Appliance::open(settings)
+        .await
+        .with_context(|| format!("cannot open the appliance in {}", data_dir.display()))
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let (appliance, initialization) = open(settings).await?;
+    report_initialization(&appliance, &initialization, false);
+    if appliance.vault.protector().is_evaluation_only() {
+        tracing::warn!(
+            "master key is kept in a plain file for evaluation only: set GLASTONBURY_MASTER_PASSPHRASE (or _FILE) for real data"
+        );
+    }
+    tracing::info!(
+        data_dir = %appliance.settings.data_dir.display(),
+        database = %appliance.settings.database_url_for_logs(),
+        blobs = %appliance.settings.blob_url,
+        key_protection = appliance.vault.protector().describe(),
+        "appliance ready"
+    );
+    glastonbury::server::serve(appliance).await?;
+    Ok(())
+}
+
+/// Says once what a first start created; the admin secret is printed only here, only once.
+#[allow(clippy::print_stdout)]
+fn report_initialization(appliance: &Appliance, initialization: &Initialization, json: bool) {
+    let settings = &appliance.settings;
+    if json {
+        let admin = initialization.first_admin.as_ref().map(|admin| {
+            serde_json::json!({"client_id": admin.client_id, "client_secret": admin.client_secret.expose_secret()})
+        });
+        println!(
+            "{}",
+            serde_json::json!({
+                "vault_created": initialization.vault_created,
+                "data_dir": settings.data_dir,
+                "first_admin": admin,
+            })
+        );
+        return;
+    }
+    if initialization.vault_created {
+        println!("Initialized a new Glastonbury appliance:");
+        println!("  data dir:   {}", settings.data_dir.display());
+        println!("  database:   {}", settings.database_url_for_logs());
+        println!("  blobs:      {}", settings.blob_url);
+        println!(
+            "  master key: {} ({})",
+            settings.data_dir.join("keys/master.key").display(),
+            appliance.vault.protector().describe()
+        );
+    }
+    if let Some(admin) = &initialization.first_admin {
+        println!();
+        println!("First admin client (the secret is shown only this once; store it now):");
+        println!("  client_id:     {}", admin.client_id);
+        println!("  client_secret: {}", admin.client_secret.expose_secret());
+        println!();
+    }
+}
+
+#[allow(clippy::print_stdout)]
+async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> anyhow::Result<()> {
+    let ClientsCommand::Create {
+        name,
+        role,
+        scopes,
+        secret: _,
+    } = command;
+    let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+    let scopes = scopes
+        .iter()
+        .map(|text| text.parse::<Scope>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let (appliance, _) = open(settings).await?;
+    let (client_id, client_secret) = appliance
+        .clients
+        .create_with_secret(&NewClient { name, role, scopes })
+        .await?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"client_id": client_id, "client_secret": client_secret.expose_secret()})
+        );
+    } else {
+        println!("client_id:     {client_id}");
+        println!(
+            "client_secret: {} (shown once)",
+            client_secret.expose_secret()
+        );
+    }
+    appliance.close().await;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn token(
+    settings: &Settings,
+    client: &str,
+    secret: Option<String>,
+    secret_file: Option<PathBuf>,
+    scope: Option<String>,
+    server: Option<String>,
+) -> anyhow::Result<()> {
+    let secret = match (secret, secret_file) {
+        (Some(secret), _) => secret,
+        (None, Some(path)) => std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (None, None) => bail!("give the client secret with --secret or --secret-file"),
+    };
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let base = server.unwrap_or_else(|| format!("{scheme}://{}", settings.http_addr));
+    let mut form = vec![("grant_type", "client_credentials".to_owned())];
+    if let Some(scope) = scope {
+        form.push(("scope", scope));
+    }
+    let response = reqwest::Client::new()
+        .post(format!("{}/auth/token", base.trim_end_matches('/')))
+        .basic_auth(client, Some(secret))
+        .form(&form)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .context("the token endpoint answered with something other than JSON")?;
+    if !status.is_success() {
+        bail!(
+            "token request refused ({status}): {}",
+            body["error_description"]
+                .as_str()
+                .unwrap_or("no description")
+        );
+    }
+    let token = body["access_token"]
+        .as_str()
+        .context("no access_token in the answer")?;
+    println!("{token}");
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn rotate_keys(settings: Settings, json: bool) -> anyhow::Result<()> {
+    let (appliance, _) = open(settings).await?;
+    let summary = appliance
+        .vault
+        .rotate_master()
+        .await
+        .context("master key rotation failed; the old key stays in force")?;
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "rotated the master key: re-wrapped {} patient keys and {} vault secrets",
+            summary.patient_keys, summary.vault_secrets
+        );
+    }
+    appliance.close().await;
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+async fn patient(settings: Settings, command: PatientCommand, json: bool) -> anyhow::Result<()> {
+    let (appliance, _) = open(settings).await?;
+    let operator = Arc::new(Principal::local_administrator("HOPERAT"));
+    match command {
+        PatientCommand::Shred { id } => {
+            let destroyed = appliance.records.shred_patient(&operator, &id).await?;
+            if json {
+                println!("{}", serde_json::json!({"shredded": destroyed}));
+            } else if destroyed {
+                println!(
+                    "patient key destroyed: this patient's records can no longer be decrypted"
+                );
+            } else {
+                println!("nothing to shred: no live key for this patient");
+            }
+        }
+        PatientCommand::ExportKey { id, out } => {
+            let identity = appliance
+                .records
+                .export_patient_identity(&operator, &id)
+                .await?;
+            write_new_private_file(&out, identity.expose_secret().as_bytes())?;
+            if json {
+                println!("{}", serde_json::json!({"identity_file": out}));
+            } else {
+                println!(
+                    "wrote the patient's age identity to {} (mode 0600)",
+                    out.display()
+                );
+            }
+        }
+    }
+    appliance.close().await;
+    Ok(())
+}
+
+fn write_new_private_file(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(contents)?;
+    file.write_all(b"\n")?;
+    file.sync_all()?;
+    Ok(())
+}

@@ -1,0 +1,612 @@
+//! The record path: the one module every surface (FHIR, DICOMweb, DIMSE, MQTT, workflows, CLI)
+//! calls to authorize, encrypt, store, read and audit records. Nothing else touches the database,
+//! the blob store, the keys or the journal.
+
+pub mod writer;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sqlx::Row;
+use tokio::sync::broadcast;
+
+use crate::access::{self, Action, Allowed, Authorizer, Denied, Principal, Role};
+use crate::journal::{AuditDraft, JournalIdentity, Outcome, codes};
+use crate::storage::{BlobError, BlobStore, Database, StorageError};
+use crate::vault::{Vault, VaultError};
+use writer::RowWrite;
+pub use writer::{Precondition, UnitReceipt, WriteUnit, Writer};
+
+/// Encrypted bodies up to this size live in the database row; larger ones in the blob store.
+pub const DEFAULT_INLINE_LIMIT: usize = 64 * 1024;
+
+/// Errors of the record path. None carries PHI.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("{0}")]
+    Denied(Denied),
+    #[error("record not found")]
+    NotFound,
+    #[error("record was deleted")]
+    Deleted { version: i64, last_updated: i64 },
+    #[error("record already exists")]
+    AlreadyExists,
+    #[error("version conflict")]
+    VersionConflict { current: Option<i64> },
+    #[error("this patient's data was crypto-shredded and can no longer be read")]
+    Shredded,
+    #[error("the stored payload is damaged and cannot be decrypted")]
+    Damaged,
+    #[error("the record writer is not running")]
+    Unavailable,
+    #[error(transparent)]
+    Vault(VaultError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Blob(BlobError),
+}
+
+impl From<sqlx::Error> for RecordError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Storage(StorageError::from(error))
+    }
+}
+
+impl From<VaultError> for RecordError {
+    fn from(error: VaultError) -> Self {
+        match error {
+            VaultError::PatientShredded => Self::Shredded,
+            VaultError::Payload(_) => Self::Damaged,
+            other => Self::Vault(other),
+        }
+    }
+}
+
+impl From<BlobError> for RecordError {
+    fn from(error: BlobError) -> Self {
+        match error {
+            BlobError::NotFound(_) => Self::Damaged,
+            other => Self::Blob(other),
+        }
+    }
+}
+
+/// Identifies a record across its versions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RecordKey {
+    pub resource_type: String,
+    pub resource_id: String,
+}
+
+impl RecordKey {
+    pub fn new(resource_type: &str, resource_id: &str) -> Self {
+        Self {
+            resource_type: resource_type.to_owned(),
+            resource_id: resource_id.to_owned(),
+        }
+    }
+}
+
+/// A body to store.
+#[derive(Debug, Clone)]
+pub struct RecordBody {
+    /// The patient the record belongs to (their logical id), or `None`.
+    pub patient_id: Option<String>,
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+/// Metadata of one stored version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordVersion {
+    pub key: RecordKey,
+    pub version: i64,
+    pub last_updated: i64,
+    pub deleted: bool,
+}
+
+/// A decrypted record version.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub meta: RecordVersion,
+    pub content_type: String,
+    pub body: Bytes,
+}
+
+/// Announced after a record version is durable: the seam for workflows and subscriptions.
+#[derive(Debug, Clone)]
+pub struct RecordStored {
+    pub meta: RecordVersion,
+    pub patient_ref: String,
+}
+
+/// The record path of one appliance process.
+#[derive(Debug)]
+pub struct Records {
+    database: Database,
+    blobs: BlobStore,
+    vault: Arc<Vault>,
+    writer: Writer,
+    authorizer: Authorizer,
+    stored_events: broadcast::Sender<RecordStored>,
+    inline_limit: usize,
+}
+
+impl Records {
+    pub fn new(
+        database: Database,
+        blobs: BlobStore,
+        vault: Arc<Vault>,
+        identity: JournalIdentity,
+    ) -> Self {
+        let writer = Writer::start(database.clone(), identity);
+        let (stored_events, _) = broadcast::channel(1024);
+        Self {
+            database,
+            blobs,
+            vault,
+            writer,
+            authorizer: Authorizer,
+            stored_events,
+            inline_limit: DEFAULT_INLINE_LIMIT,
+        }
+    }
+
+    /// Sets where bodies move from the database row to the blob store (tests use 0 to force blobs).
+    pub fn with_inline_limit(mut self, limit: usize) -> Self {
+        self.inline_limit = limit;
+        self
+    }
+
+    pub fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
+    /// Subscribes to "record stored" events.
+    pub fn subscribe(&self) -> broadcast::Receiver<RecordStored> {
+        self.stored_events.subscribe()
+    }
+
+    /// Decides access; a denial is written to the journal before it is returned.
+    pub async fn authorize<A: Action>(
+        &self,
+        principal: &Arc<Principal>,
+        resource_type: &str,
+    ) -> Result<Allowed<A>, RecordError> {
+        match self.authorizer.decide::<A>(principal, resource_type) {
+            Ok(allowed) => Ok(allowed),
+            Err(denied) => {
+                let draft = AuditDraft::by(
+                    principal,
+                    codes::SECURITY_ALERT,
+                    A::NAME,
+                    action_code::<A>(),
+                )
+                .on(resource_type, None)
+                .decided_by(&denied.decided_by)
+                .failed(Outcome::MinorFailure);
+                self.writer
+                    .write(WriteUnit {
+                        rows: Vec::new(),
+                        audit: vec![draft],
+                    })
+                    .await?;
+                Err(RecordError::Denied(denied))
+            }
+        }
+    }
+
+    /// Creates a record with a server-assigned or client-assigned id that must be new.
+    pub async fn create(
+        &self,
+        allowed: &Allowed<access::Create>,
+        resource_id: &str,
+        body: RecordBody,
+    ) -> Result<RecordVersion, RecordError> {
+        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        self.store(
+            allowed,
+            key,
+            body,
+            Precondition::MustNotExist,
+            "create",
+            'C',
+        )
+        .await
+    }
+
+    /// Writes a new version; `precondition` carries `If-Match`.
+    pub async fn update(
+        &self,
+        allowed: &Allowed<access::Update>,
+        resource_id: &str,
+        body: RecordBody,
+        precondition: Precondition,
+    ) -> Result<RecordVersion, RecordError> {
+        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        self.store(allowed, key, body, precondition, "update", 'U')
+            .await
+    }
+
+    async fn store<A: Action>(
+        &self,
+        allowed: &Allowed<A>,
+        key: RecordKey,
+        body: RecordBody,
+        precondition: Precondition,
+        subtype: &str,
+        action: char,
+    ) -> Result<RecordVersion, RecordError> {
+        let patient_ref = self.vault.patient_ref(body.patient_id.as_deref());
+        let ciphertext = self
+            .vault
+            .encrypt_for_patient(&patient_ref, &body.body)
+            .await?;
+        let (inline_body, blob_key) = self.place_ciphertext(&patient_ref, ciphertext).await?;
+        let row = RowWrite {
+            resource_type: key.resource_type.clone(),
+            resource_id: key.resource_id.clone(),
+            patient_ref: patient_ref.clone(),
+            content_type: body.content_type,
+            deleted: false,
+            inline_body,
+            blob_key,
+            precondition,
+        };
+        let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, subtype, action)
+            .on(&key.resource_type, Some(&key.resource_id))
+            .for_patient(&patient_ref)
+            .decided_by(allowed.decided_by());
+        let receipt = self
+            .writer
+            .write(WriteUnit {
+                rows: vec![row],
+                audit: vec![draft],
+            })
+            .await?;
+        let written = receipt.rows.first().ok_or(RecordError::Unavailable)?;
+        let meta = RecordVersion {
+            key,
+            version: written.version,
+            last_updated: written.last_updated,
+            deleted: false,
+        };
+        let _ = self.stored_events.send(RecordStored {
+            meta: meta.clone(),
+            patient_ref,
+        });
+        Ok(meta)
+    }
+
+    /// Encrypted bodies above the inline limit go to the blob store first, durably, so the row
+    /// that points at them is only committed once they exist.
+    async fn place_ciphertext(
+        &self,
+        patient_ref: &str,
+        ciphertext: Vec<u8>,
+    ) -> Result<(Option<Vec<u8>>, Option<String>), RecordError> {
+        if ciphertext.len() <= self.inline_limit {
+            return Ok((Some(ciphertext), None));
+        }
+        let shard: String = patient_ref.chars().take(2).collect();
+        let key = format!("records/{shard}/{}", uuid::Uuid::now_v7());
+        self.blobs.put_new(&key, Bytes::from(ciphertext)).await?;
+        Ok((None, Some(key)))
+    }
+
+    /// Marks a record deleted (a tombstone version); earlier versions stay for history.
+    pub async fn delete(
+        &self,
+        allowed: &Allowed<access::Delete>,
+        resource_id: &str,
+        precondition: Precondition,
+    ) -> Result<RecordVersion, RecordError> {
+        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        let head = self.head(&key).await?.ok_or(RecordError::NotFound)?;
+        let row = RowWrite {
+            resource_type: key.resource_type.clone(),
+            resource_id: key.resource_id.clone(),
+            patient_ref: head.patient_ref.clone(),
+            content_type: String::new(),
+            deleted: true,
+            inline_body: None,
+            blob_key: None,
+            precondition,
+        };
+        let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, "delete", 'D')
+            .on(&key.resource_type, Some(&key.resource_id))
+            .for_patient(&head.patient_ref)
+            .decided_by(allowed.decided_by());
+        let receipt = self
+            .writer
+            .write(WriteUnit {
+                rows: vec![row],
+                audit: vec![draft],
+            })
+            .await?;
+        let written = receipt.rows.first().ok_or(RecordError::Unavailable)?;
+        Ok(RecordVersion {
+            key,
+            version: written.version,
+            last_updated: written.last_updated,
+            deleted: true,
+        })
+    }
+
+    /// Reads the current version.
+    pub async fn read(
+        &self,
+        allowed: &Allowed<access::Read>,
+        resource_id: &str,
+    ) -> Result<Record, RecordError> {
+        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        let head = self.head(&key).await?.ok_or(RecordError::NotFound)?;
+        self.read_version_audited(allowed, &key, head.version, "read")
+            .await
+    }
+
+    /// Reads one version (`vread`).
+    pub async fn read_version(
+        &self,
+        allowed: &Allowed<access::Read>,
+        resource_id: &str,
+        version: i64,
+    ) -> Result<Record, RecordError> {
+        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        self.read_version_audited(allowed, &key, version, "vread")
+            .await
+    }
+
+    async fn read_version_audited(
+        &self,
+        allowed: &Allowed<access::Read>,
+        key: &RecordKey,
+        version: i64,
+        subtype: &str,
+    ) -> Result<Record, RecordError> {
+        let stored = self.fetch_version(key, version).await?;
+        let mut draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, subtype, 'R')
+            .on(&key.resource_type, Some(&key.resource_id))
+            .for_patient(&stored.patient_ref)
+            .decided_by(allowed.decided_by());
+        draft.resource_version = Some(version);
+        let record = self.decrypt_stored(stored).await;
+        if record.is_err() {
+            draft = draft.failed(Outcome::SeriousFailure);
+        }
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: vec![draft],
+            })
+            .await?;
+        record
+    }
+
+    /// Every version of a record, newest first, decrypted (`_history`).
+    pub async fn history(
+        &self,
+        allowed: &Allowed<access::Read>,
+        resource_id: &str,
+    ) -> Result<Vec<Record>, RecordError> {
+        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        let rows = sqlx::query(
+            "SELECT version FROM records WHERE resource_type = $1 AND resource_id = $2 ORDER BY version DESC",
+        )
+        .bind(&key.resource_type)
+        .bind(&key.resource_id)
+        .fetch_all(self.database.pool())
+        .await?;
+        if rows.is_empty() {
+            return Err(RecordError::NotFound);
+        }
+        let mut records = Vec::with_capacity(rows.len());
+        let mut patient_ref = None;
+        for row in rows {
+            let stored = self.fetch_any_version(&key, row.try_get(0)?).await?;
+            patient_ref.get_or_insert_with(|| stored.patient_ref.clone());
+            records.push(self.decrypt_stored(stored).await?);
+        }
+        let mut draft = AuditDraft::by(
+            allowed.principal(),
+            codes::PATIENT_RECORD,
+            "history-instance",
+            'R',
+        )
+        .on(&key.resource_type, Some(&key.resource_id))
+        .decided_by(allowed.decided_by());
+        draft.patient_ref = patient_ref;
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: vec![draft],
+            })
+            .await?;
+        Ok(records)
+    }
+
+    async fn head(&self, key: &RecordKey) -> Result<Option<Head>, RecordError> {
+        let row = sqlx::query(
+            "SELECT version, deleted, patient_ref, last_updated FROM record_heads WHERE resource_type = $1 AND resource_id = $2",
+        )
+        .bind(&key.resource_type)
+        .bind(&key.resource_id)
+        .fetch_optional(self.database.pool())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let head = Head {
+            version: row.try_get(0)?,
+            deleted: row.try_get::<i64, _>(1)? != 0,
+            patient_ref: row.try_get(2)?,
+            last_updated: row.try_get(3)?,
+        };
+        if head.deleted {
+            return Err(RecordError::Deleted {
+                version: head.version,
+                last_updated: head.last_updated,
+            });
+        }
+        Ok(Some(head))
+    }
+
+    async fn fetch_version(
+        &self,
+        key: &RecordKey,
+        version: i64,
+    ) -> Result<StoredVersion, RecordError> {
+        let stored = self.fetch_any_version(key, version).await?;
+        if stored.meta.deleted {
+            return Err(RecordError::Deleted {
+                version,
+                last_updated: stored.meta.last_updated,
+            });
+        }
+        Ok(stored)
+    }
+
+    async fn fetch_any_version(
+        &self,
+        key: &RecordKey,
+        version: i64,
+    ) -> Result<StoredVersion, RecordError> {
+        let row = sqlx::query(
+            "SELECT patient_ref, last_updated, deleted, content_type, body, blob_key FROM records \
+             WHERE resource_type = $1 AND resource_id = $2 AND version = $3",
+        )
+        .bind(&key.resource_type)
+        .bind(&key.resource_id)
+        .bind(version)
+        .fetch_optional(self.database.pool())
+        .await?
+        .ok_or(RecordError::NotFound)?;
+        Ok(StoredVersion {
+            meta: RecordVersion {
+                key: key.clone(),
+                version,
+                last_updated: row.try_get(1)?,
+                deleted: row.try_get::<i64, _>(2)? != 0,
+            },
+            patient_ref: row.try_get(0)?,
+            content_type: row.try_get(3)?,
+            inline_body: row.try_get(4)?,
+            blob_key: row.try_get(5)?,
+        })
+    }
+
+    async fn decrypt_stored(&self, stored: StoredVersion) -> Result<Record, RecordError> {
+        if stored.meta.deleted {
+            return Ok(Record {
+                meta: stored.meta,
+                content_type: stored.content_type,
+                body: Bytes::new(),
+            });
+        }
+        let ciphertext = match (&stored.inline_body, &stored.blob_key) {
+            (Some(inline), _) => Bytes::from(inline.clone()),
+            (None, Some(blob_key)) => self.blobs.get(blob_key).await?,
+            (None, None) => return Err(RecordError::Damaged),
+        };
+        let plaintext = self
+            .vault
+            .decrypt_for_patient(&stored.patient_ref, &ciphertext)
+            .await?;
+        Ok(Record {
+            meta: stored.meta,
+            content_type: stored.content_type,
+            body: Bytes::from(plaintext),
+        })
+    }
+
+    /// Crypto-shreds one patient: destroys their key (their records become unreadable and say so)
+    /// and journals it. Only administrators may.
+    pub async fn shred_patient(
+        &self,
+        principal: &Arc<Principal>,
+        patient_id: &str,
+    ) -> Result<bool, RecordError> {
+        let patient_ref = self.vault.patient_ref(Some(patient_id));
+        let draft = AuditDraft::by(principal, codes::SECURITY_ALERT, "patient-shred", 'D')
+            .on("Patient", None)
+            .for_patient(&patient_ref);
+        if principal.role != Role::Admin {
+            let denied = draft.failed(Outcome::MinorFailure);
+            self.writer
+                .write(WriteUnit {
+                    rows: Vec::new(),
+                    audit: vec![denied],
+                })
+                .await?;
+            return Err(RecordError::Denied(Denied {
+                reason: "only administrators may shred a patient".to_owned(),
+                decided_by: vec!["admin-only-key-operations".to_owned()],
+            }));
+        }
+        let destroyed = self.vault.shred_patient(&patient_ref).await?;
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: vec![draft],
+            })
+            .await?;
+        Ok(destroyed)
+    }
+
+    /// Exports one patient's age identity for the `age` CLI (audited; administrators only).
+    pub async fn export_patient_identity(
+        &self,
+        principal: &Arc<Principal>,
+        patient_id: &str,
+    ) -> Result<secrecy::SecretString, RecordError> {
+        if principal.role != Role::Admin {
+            return Err(RecordError::Denied(Denied {
+                reason: "only administrators may export a patient key".to_owned(),
+                decided_by: vec!["admin-only-key-operations".to_owned()],
+            }));
+        }
+        let patient_ref = self.vault.patient_ref(Some(patient_id));
+        let draft = AuditDraft::by(principal, codes::EXPORT, "patient-key-export", 'E')
+            .on("Patient", None)
+            .for_patient(&patient_ref);
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: vec![draft],
+            })
+            .await?;
+        Ok(self.vault.export_patient_identity(&patient_ref).await?)
+    }
+
+    /// Where a version's ciphertext lives (blob key), for operators and tests.
+    pub async fn blob_key_of(
+        &self,
+        key: &RecordKey,
+        version: i64,
+    ) -> Result<Option<String>, RecordError> {
+        Ok(self.fetch_any_version(key, version).await?.blob_key)
+    }
+}
+
+fn action_code<A: Action>() -> char {
+    match A::SCOPE_LETTER {
+        'c' => 'C',
+        'u' => 'U',
+        'd' => 'D',
+        _ => 'R',
+    }
+}
+
+struct Head {
+    version: i64,
+    deleted: bool,
+    patient_ref: String,
+    last_updated: i64,
+}
+
+struct StoredVersion {
+    meta: RecordVersion,
+    patient_ref: String,
+    content_type: String,
+    inline_body: Option<Vec<u8>>,
+    blob_key: Option<String>,
+}

@@ -1,0 +1,298 @@
+//! Group commit: one task per process takes every pending write, runs a batch of them in one
+//! transaction (each in its own savepoint, so one failure does not sink the others), appends their
+//! audit leaves in that same transaction, commits once, and only then answers each caller.
+
+use std::sync::Arc;
+
+use sqlx::{AnyConnection, Row};
+use tokio::sync::{mpsc, oneshot};
+
+use super::RecordError;
+use crate::journal::{self, AuditDraft, JournalIdentity};
+use crate::storage::Database;
+
+/// The most writes one transaction carries.
+const MAX_BATCH: usize = 512;
+
+/// What a write requires of the record's current version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Any state (create or overwrite).
+    None,
+    /// The record must not exist (or be deleted).
+    MustNotExist,
+    /// The current version must be exactly this one.
+    VersionIs(i64),
+    /// The record must exist and not be deleted.
+    MustExist,
+}
+
+/// One row to write into `records` (the body already encrypted by the vault).
+#[derive(Debug, Clone)]
+pub struct RowWrite {
+    pub resource_type: String,
+    pub resource_id: String,
+    pub patient_ref: String,
+    pub content_type: String,
+    pub deleted: bool,
+    pub inline_body: Option<Vec<u8>>,
+    pub blob_key: Option<String>,
+    pub precondition: Precondition,
+}
+
+/// An atomic unit of work: rows (all or none) plus the audit leaves that record them.
+#[derive(Debug, Default)]
+pub struct WriteUnit {
+    pub rows: Vec<RowWrite>,
+    pub audit: Vec<AuditDraft>,
+}
+
+/// The version and time each row of a unit got.
+#[derive(Debug, Clone)]
+pub struct WrittenRow {
+    pub version: i64,
+    pub last_updated: i64,
+}
+
+/// The outcome of one unit: its rows and the journal index of its first leaf.
+#[derive(Debug, Clone)]
+pub struct UnitReceipt {
+    pub rows: Vec<WrittenRow>,
+    pub first_leaf_index: i64,
+}
+
+struct Job {
+    unit: WriteUnit,
+    reply: oneshot::Sender<Result<UnitReceipt, RecordError>>,
+}
+
+/// The handle every writer of the process shares.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    sender: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("Job")
+    }
+}
+
+impl Writer {
+    /// Starts the group-commit task.
+    pub fn start(database: Database, identity: JournalIdentity) -> Self {
+        let (sender, receiver) = mpsc::channel(4096);
+        tokio::spawn(run(database, Arc::new(identity), receiver));
+        Self { sender }
+    }
+
+    /// Submits a unit and waits until it is durable (or failed).
+    pub async fn write(&self, unit: WriteUnit) -> Result<UnitReceipt, RecordError> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send(Job { unit, reply })
+            .await
+            .map_err(|_| RecordError::Unavailable)?;
+        answer.await.map_err(|_| RecordError::Unavailable)?
+    }
+}
+
+async fn run(
+    database: Database,
+    identity: Arc<JournalIdentity>,
+    mut receiver: mpsc::Receiver<Job>,
+) {
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        commit_batch(&database, &identity, batch).await;
+    }
+}
+
+async fn commit_batch(database: &Database, identity: &JournalIdentity, batch: Vec<Job>) {
+    let (units, replies): (Vec<WriteUnit>, Vec<_>) =
+        batch.into_iter().map(|job| (job.unit, job.reply)).unzip();
+    match run_batch_transaction(database, identity, &units).await {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(outcome);
+            }
+        }
+        Err(error) => {
+            tracing::error!(error = %error, units = units.len(), "audit and record batch failed to commit");
+            for reply in replies {
+                let _ = reply.send(Err(RecordError::Storage(
+                    crate::storage::StorageError::Database(error.to_string()),
+                )));
+            }
+        }
+    }
+}
+
+async fn run_batch_transaction(
+    database: &Database,
+    identity: &JournalIdentity,
+    units: &[WriteUnit],
+) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
+    let mut transaction = database.pool().begin().await?;
+    // Taking the journal head row first makes this the writer (SQLite) or serializes the batch
+    // against other replicas' batches (PostgreSQL) before anything is read.
+    sqlx::query("UPDATE journal_head SET batches = batches + 1 WHERE id = 1")
+        .execute(&mut *transaction)
+        .await?;
+    let mut next_leaf = journal::current_size(&mut transaction)
+        .await
+        .map_err(storage_to_sqlx)?;
+    let mut outcomes = Vec::with_capacity(units.len());
+    for unit in units {
+        sqlx::query("SAVEPOINT unit")
+            .execute(&mut *transaction)
+            .await?;
+        match apply_unit(&mut transaction, identity, unit, next_leaf).await {
+            Ok((receipt, after)) => {
+                sqlx::query("RELEASE SAVEPOINT unit")
+                    .execute(&mut *transaction)
+                    .await?;
+                next_leaf = after;
+                outcomes.push(Ok(receipt));
+            }
+            Err(error) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT unit")
+                    .execute(&mut *transaction)
+                    .await?;
+                sqlx::query("RELEASE SAVEPOINT unit")
+                    .execute(&mut *transaction)
+                    .await?;
+                outcomes.push(Err(error));
+            }
+        }
+    }
+    journal::store_size(&mut transaction, next_leaf)
+        .await
+        .map_err(storage_to_sqlx)?;
+    transaction.commit().await?;
+    Ok(outcomes)
+}
+
+fn storage_to_sqlx(error: crate::storage::StorageError) -> sqlx::Error {
+    sqlx::Error::Protocol(error.to_string())
+}
+
+async fn apply_unit(
+    connection: &mut AnyConnection,
+    identity: &JournalIdentity,
+    unit: &WriteUnit,
+    first_leaf: i64,
+) -> Result<(UnitReceipt, i64), RecordError> {
+    let mut rows = Vec::with_capacity(unit.rows.len());
+    let mut audit = unit.audit.clone();
+    for (position, row) in unit.rows.iter().enumerate() {
+        let written = write_row(connection, row).await?;
+        if let Some(draft) = audit.get_mut(position) {
+            draft.resource_version = Some(written.version);
+        }
+        rows.push(written);
+    }
+    let after = journal::append_leaves(connection, identity, first_leaf, &audit).await?;
+    Ok((
+        UnitReceipt {
+            rows,
+            first_leaf_index: first_leaf,
+        },
+        after,
+    ))
+}
+
+async fn write_row(
+    connection: &mut AnyConnection,
+    row: &RowWrite,
+) -> Result<WrittenRow, RecordError> {
+    let head = sqlx::query(
+        "SELECT version, deleted FROM record_heads WHERE resource_type = $1 AND resource_id = $2",
+    )
+    .bind(&row.resource_type)
+    .bind(&row.resource_id)
+    .fetch_optional(&mut *connection)
+    .await?;
+    let current: Option<(i64, bool)> = match head {
+        Some(found) => Some((found.try_get(0)?, found.try_get::<i64, _>(1)? != 0)),
+        None => None,
+    };
+    check_precondition(row.precondition, current)?;
+    let version = current.map_or(1, |(version, _)| version + 1);
+    let last_updated = next_timestamp();
+    sqlx::query(
+        "INSERT INTO records (resource_type, resource_id, version, patient_ref, last_updated, deleted, content_type, body, blob_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&row.resource_type)
+    .bind(&row.resource_id)
+    .bind(version)
+    .bind(&row.patient_ref)
+    .bind(last_updated)
+    .bind(i64::from(row.deleted))
+    .bind(&row.content_type)
+    .bind(row.inline_body.clone())
+    .bind(row.blob_key.clone())
+    .execute(&mut *connection)
+    .await?;
+    sqlx::query(
+        "INSERT INTO record_heads (resource_type, resource_id, version, deleted, patient_ref, last_updated) \
+         VALUES ($1, $2, $3, $4, $5, $6) \
+         ON CONFLICT (resource_type, resource_id) DO UPDATE SET version = excluded.version, \
+         deleted = excluded.deleted, patient_ref = excluded.patient_ref, last_updated = excluded.last_updated",
+    )
+    .bind(&row.resource_type)
+    .bind(&row.resource_id)
+    .bind(version)
+    .bind(i64::from(row.deleted))
+    .bind(&row.patient_ref)
+    .bind(last_updated)
+    .execute(&mut *connection)
+    .await?;
+    Ok(WrittenRow {
+        version,
+        last_updated,
+    })
+}
+
+fn check_precondition(
+    precondition: Precondition,
+    current: Option<(i64, bool)>,
+) -> Result<(), RecordError> {
+    let live_version = current
+        .filter(|(_, deleted)| !deleted)
+        .map(|(version, _)| version);
+    match precondition {
+        Precondition::None => Ok(()),
+        Precondition::MustNotExist if live_version.is_some() => Err(RecordError::AlreadyExists),
+        Precondition::MustNotExist => Ok(()),
+        Precondition::MustExist if live_version.is_none() => Err(RecordError::NotFound),
+        Precondition::MustExist => Ok(()),
+        Precondition::VersionIs(expected)
+            if current.map(|(version, _)| version) == Some(expected) =>
+        {
+            Ok(())
+        }
+        Precondition::VersionIs(_) => Err(RecordError::VersionConflict {
+            current: current.map(|(version, _)| version),
+        }),
+    }
+}
+
+/// Microsecond timestamps that never go backwards within this process.
+fn next_timestamp() -> i64 {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = crate::storage::now_micros();
+    let previous = LAST.fetch_max(now, Ordering::SeqCst);
+    if previous >= now {
+        return LAST.fetch_add(1, Ordering::SeqCst) + 1;
+    }
+    now
+}

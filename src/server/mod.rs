@@ -1,0 +1,167 @@
+//! The HTTP server: the axum router with its layers (request ids, masked logs, limits, timeouts,
+//! security headers, metrics), optional TLS, and graceful shutdown on SIGTERM.
+
+pub mod authenticate;
+pub mod fhir_routes;
+pub mod metrics;
+pub mod probes;
+pub mod problem;
+pub mod token_routes;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::{HeaderName, HeaderValue, header};
+use tower::ServiceBuilder;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::appliance::Appliance;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot load TLS certificate or key: {0}")]
+    Tls(std::io::Error),
+}
+
+/// What every handler can reach.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub appliance: Appliance,
+    pub metrics: Arc<metrics::Metrics>,
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Builds the router with every layer.
+pub fn router(state: AppState) -> Router {
+    let settings = Arc::clone(&state.appliance.settings);
+    let routes = Router::new()
+        .merge(probes::routes())
+        .merge(token_routes::routes())
+        .nest("/fhir", fhir_routes::routes())
+        .fallback(problem::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            metrics::record_request,
+        ))
+        .with_state(state);
+    let security_headers = ServiceBuilder::new()
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::STRICT_TRANSPORT_SECURITY,
+            settings
+                .tls
+                .as_ref()
+                .map(|_| HeaderValue::from_static("max-age=31536000")),
+        ));
+    routes.layer(
+        ServiceBuilder::new()
+            .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION, header::COOKIE]))
+            .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+            .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                let request_id =
+                    request.headers().get(REQUEST_ID).and_then(|value| value.to_str().ok()).unwrap_or_default();
+                tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+            }))
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+            .layer(security_headers)
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                axum::http::StatusCode::REQUEST_TIMEOUT,
+                Duration::from_secs(settings.request_timeout_seconds),
+            ))
+            .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes)),
+    )
+}
+
+/// Serves until SIGTERM or SIGINT, then drains in-flight requests (up to 30 s) and returns.
+pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
+    let address = appliance.settings.http_addr;
+    let state = AppState {
+        appliance: appliance.clone(),
+        metrics: Arc::new(metrics::Metrics::new()),
+    };
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let handle = axum_server::Handle::new();
+    tokio::spawn(shutdown_on_signal(handle.clone()));
+    let listener = std::net::TcpListener::bind(address)
+        .map_err(|source| ServeError::Listen { address, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| ServeError::Listen { address, source })?;
+    let scheme = if appliance.settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(address = %address, scheme, "http listening");
+    let result = match &appliance.settings.tls {
+        Some(tls) => {
+            let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(
+                &tls.certificate_path,
+                &tls.private_key_path,
+            )
+            .await
+            .map_err(ServeError::Tls)?;
+            axum_server::from_tcp_rustls(listener, config)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        None => {
+            axum_server::from_tcp(listener)
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+    };
+    result.map_err(|source| ServeError::Listen { address, source })?;
+    tracing::info!("http server drained; closing storage");
+    appliance.close().await;
+    Ok(())
+}
+
+async fn shutdown_on_signal(handle: axum_server::Handle) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; graceful shutdown unavailable");
+        return;
+    };
+    tokio::select! {
+        _ = terminate.recv() => {},
+        _ = interrupt.recv() => {},
+    }
+    tracing::info!("shutdown requested; draining requests");
+    handle.graceful_shutdown(Some(Duration::from_secs(30)));
+}

@@ -1,0 +1,207 @@
+//! Storage: one interface over two engines (SQLite, the embedded default, and PostgreSQL for
+//! several replicas) through sqlx's `Any` driver, embedded migrations, and the blob store.
+
+pub mod blobs;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions, Executor};
+
+pub use blobs::{BlobError, BlobStore};
+
+/// Errors of the database layer. Messages carry no values from rows, so no PHI.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("unsupported database url scheme {0:?}: use sqlite:// or postgres://")]
+    UnsupportedScheme(String),
+    #[error("cannot create the database directory {path}: {source}")]
+    CreateDirectory {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot connect to the database: {0}")]
+    Connect(String),
+    #[error("database migration failed: {0}")]
+    Migrate(String),
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+impl From<sqlx::Error> for StorageError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Database(describe_sqlx_error(&error))
+    }
+}
+
+/// A description of a sqlx error that never includes bound values.
+fn describe_sqlx_error(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(database_error) => {
+            format!(
+                "{} (code {})",
+                database_error.message(),
+                database_error.code().unwrap_or_default()
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Which engine a database runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+/// The appliance's database: a connection pool and the engine behind it.
+#[derive(Debug, Clone)]
+pub struct Database {
+    pool: AnyPool,
+    engine: Engine,
+}
+
+/// Microseconds since the Unix epoch, the timestamp unit of every table.
+pub fn now_micros() -> i64 {
+    let elapsed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(elapsed.as_micros()).unwrap_or(i64::MAX)
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+impl Database {
+    /// Connects to the database named by `url`; for SQLite, creates the file (and its folder)
+    /// and sets WAL with `synchronous=FULL`, so every commit is on disk before it returns.
+    pub async fn connect(url: &SecretString) -> Result<Self, StorageError> {
+        sqlx::any::install_default_drivers();
+        let text = url.expose_secret();
+        let engine = engine_of(text)?;
+        let pool = match engine {
+            Engine::Sqlite => connect_sqlite(text).await?,
+            Engine::Postgres => connect_postgres(text).await?,
+        };
+        Ok(Self { pool, engine })
+    }
+
+    /// Applies the embedded migrations. On PostgreSQL sqlx holds an advisory lock while it
+    /// migrates, so several replicas starting at once are safe.
+    pub async fn migrate(&self) -> Result<(), StorageError> {
+        let migrator = match self.engine {
+            Engine::Sqlite => &SQLITE_MIGRATIONS,
+            Engine::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|error| StorageError::Migrate(error.to_string()))
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// Answers whether the database takes a trivial query, for `/readyz`.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Makes deleted rows (shredded keys) unrecoverable from the files: SQLite overwrites freed
+    /// pages (`secure_delete`) and checkpoints its WAL; PostgreSQL vacuums the key table.
+    pub async fn reclaim_deleted_space(&self) -> Result<(), StorageError> {
+        match self.engine {
+            Engine::Sqlite => {
+                self.pool.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+            }
+            Engine::Postgres => {
+                self.pool.execute("VACUUM patient_keys").await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn engine_of(url: &str) -> Result<Engine, StorageError> {
+    let scheme = url.split(':').next().unwrap_or_default();
+    match scheme {
+        "sqlite" => Ok(Engine::Sqlite),
+        "postgres" | "postgresql" => Ok(Engine::Postgres),
+        other => Err(StorageError::UnsupportedScheme(other.to_owned())),
+    }
+}
+
+async fn connect_sqlite(url: &str) -> Result<AnyPool, StorageError> {
+    let path_part = url
+        .trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:");
+    let path = std::path::Path::new(path_part.split('?').next().unwrap_or_default());
+    if let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(parent).map_err(|source| StorageError::CreateDirectory {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    let with_mode = if url.contains('?') {
+        url.to_owned()
+    } else {
+        format!("{url}?mode=rwc")
+    };
+    let options = AnyConnectOptions::from_str(&with_mode)
+        .map_err(|error| StorageError::Connect(error.to_string()))?
+        .disable_statement_logging();
+    AnyPoolOptions::new()
+        .max_connections(8)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                connection
+                    .execute(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 30000; \
+                         PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
+                    )
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(|error| StorageError::Connect(describe_sqlx_error(&error)))
+}
+
+async fn connect_postgres(url: &str) -> Result<AnyPool, StorageError> {
+    let options = AnyConnectOptions::from_str(url)
+        .map_err(|error| StorageError::Connect(error.to_string()))?
+        .disable_statement_logging();
+    AnyPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|error| StorageError::Connect(describe_sqlx_error(&error)))
+}
