@@ -15,7 +15,6 @@ use glastonbury::records::{Precondition, RecordBody};
 /// Concurrent writers for the record measurements (group commit shares their commits).
 const CONCURRENCY: usize = 32;
 
-#[allow(clippy::print_stdout)]
 fn report(json: bool, name: &str, value: f64, unit: &str) {
     if json {
         println!(

@@ -1,6 +1,9 @@
 //! The `glastonbury` command: serve the appliance, initialize it, and administer clients, keys
 //! and patients.
 
+// The command line prints its results: that output is its interface.
+#![allow(clippy::print_stdout)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -210,7 +213,6 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 }
 
 /// Says once what a first start created; the admin secret is printed only here, only once.
-#[allow(clippy::print_stdout)]
 fn report_initialization(appliance: &Appliance, initialization: &Initialization, json: bool) {
     let settings = &appliance.settings;
     if json {
@@ -247,7 +249,6 @@ fn report_initialization(appliance: &Appliance, initialization: &Initialization,
     }
 }
 
-#[allow(clippy::print_stdout)]
 async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> anyhow::Result<()> {
     let ClientsCommand::Create {
         name,
@@ -281,7 +282,6 @@ async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> any
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
 async fn token(
     settings: &Settings,
     client: &str,
@@ -335,7 +335,6 @@ async fn token(
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
 async fn rotate_keys(settings: Settings, json: bool) -> anyhow::Result<()> {
     let (appliance, _) = open(settings).await?;
     let summary = appliance
@@ -355,7 +354,6 @@ async fn rotate_keys(settings: Settings, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::print_stdout)]
 async fn patient(settings: Settings, command: PatientCommand, json: bool) -> anyhow::Result<()> {
     let (appliance, _) = open(settings).await?;
     let operator = Arc::new(Principal::local_administrator("HOPERAT"));

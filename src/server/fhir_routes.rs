@@ -28,6 +28,28 @@ pub fn routes() -> Router<AppState> {
         .route("/{resource_type}/{id}/_history/{version}", get(vread))
 }
 
+/// A FHIR error, answered as an OperationOutcome with its HTTP status.
+#[derive(Debug)]
+struct FhirError {
+    status: StatusCode,
+    code: &'static str,
+    diagnostics: &'static str,
+}
+
+impl IntoResponse for FhirError {
+    fn into_response(self) -> Response {
+        outcome(self.status, self.code, self.diagnostics)
+    }
+}
+
+fn invalid(code: &'static str, diagnostics: &'static str) -> FhirError {
+    FhirError {
+        status: StatusCode::BAD_REQUEST,
+        code,
+        diagnostics,
+    }
+}
+
 /// A FHIR OperationOutcome response.
 fn outcome(status: StatusCode, code: &str, diagnostics: &str) -> Response {
     let body = serde_json::json!({
@@ -118,37 +140,20 @@ fn prepare_resource(
     id: &str,
     body: &Bytes,
     path_id: Option<&str>,
-) -> Result<serde_json::Value, Response> {
-    let mut resource: serde_json::Value = serde_json::from_slice(body).map_err(|_| {
-        outcome(
-            StatusCode::BAD_REQUEST,
-            "structure",
-            "the body is not valid JSON",
-        )
-    })?;
-    let object = resource.as_object_mut().ok_or_else(|| {
-        outcome(
-            StatusCode::BAD_REQUEST,
-            "structure",
-            "a resource must be a JSON object",
-        )
-    })?;
+) -> Result<serde_json::Value, FhirError> {
+    let mut resource: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| invalid("structure", "the body is not valid JSON"))?;
+    let object = resource
+        .as_object_mut()
+        .ok_or_else(|| invalid("structure", "a resource must be a JSON object"))?;
     if object.get("resourceType").and_then(|value| value.as_str()) != Some(resource_type) {
-        return Err(outcome(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            "resourceType does not match the URL",
-        ));
+        return Err(invalid("invalid", "resourceType does not match the URL"));
     }
     if let Some(path_id) = path_id {
         match object.get("id").and_then(|value| value.as_str()) {
             Some(body_id) if body_id == path_id => {}
             _ => {
-                return Err(outcome(
-                    StatusCode::BAD_REQUEST,
-                    "invalid",
-                    "the resource id must match the URL",
-                ));
+                return Err(invalid("invalid", "the resource id must match the URL"));
             }
         }
     }
@@ -215,19 +220,16 @@ fn versioned_response(status: StatusCode, meta: &RecordVersion, body: String) ->
         .into_response()
 }
 
-fn if_match(headers: &HeaderMap) -> Result<Precondition, Response> {
+fn if_match(headers: &HeaderMap) -> Result<Precondition, FhirError> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(Precondition::None);
     };
     let text = value.to_str().unwrap_or_default();
     let version = text.trim().trim_start_matches("W/").trim_matches('"');
-    version.parse().map(Precondition::VersionIs).map_err(|_| {
-        outcome(
-            StatusCode::BAD_REQUEST,
-            "invalid",
-            "If-Match must be an ETag like W/\"3\"",
-        )
-    })
+    version
+        .parse()
+        .map(Precondition::VersionIs)
+        .map_err(|_| invalid("invalid", "If-Match must be an ETag like W/\"3\""))
 }
 
 async fn capability_statement() -> Response {
@@ -277,7 +279,7 @@ async fn create(
     let id = uuid::Uuid::new_v4().to_string();
     let resource = match prepare_resource(&resource_type, &id, &body, None) {
         Ok(resource) => resource,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let stored_body = RecordBody {
         patient_id: patient_of(&resource_type, &id, &resource),
@@ -310,7 +312,7 @@ async fn update(
     }
     let precondition = match if_match(&headers) {
         Ok(precondition) => precondition,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let records = &state.appliance.records;
     let allowed = match records
@@ -322,7 +324,7 @@ async fn update(
     };
     let resource = match prepare_resource(&resource_type, &id, &body, Some(&id)) {
         Ok(resource) => resource,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let stored_body = RecordBody {
         patient_id: patient_of(&resource_type, &id, &resource),
@@ -394,7 +396,7 @@ async fn delete(
 ) -> Response {
     let precondition = match if_match(&headers) {
         Ok(precondition) => precondition,
-        Err(response) => return response,
+        Err(error) => return error.into_response(),
     };
     let records = &state.appliance.records;
     let allowed = match records

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what the test suite talks to that is not part of the Rust build: the Debian `age` CLI
+# (interop test), psql/pg_dump (PostgreSQL suite). Idempotent; quiet when everything is present.
+set -euo pipefail
+
+missing=()
+command -v age >/dev/null 2>&1 || missing+=(age)
+command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v pg_dump >/dev/null 2>&1 || missing+=(postgresql-client)
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing test dependencies: ${missing[*]}"
+  sudo_prefix=""
+  [ "$(id -u)" -eq 0 ] || sudo_prefix="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_prefix apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 || {
+    $sudo_prefix apt-get update -q >/dev/null
+    $sudo_prefix apt-get install -y -q "${missing[@]}" >/dev/null
+  }
+fi
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  echo "note: cargo-nextest not found; scripts/test falls back to cargo test"
+fi

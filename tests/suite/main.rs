@@ -1,0 +1,8 @@
+//! The integration suite: one test binary (fast to link) whose modules drive the real appliance,
+//! through its library API and as a separate `glastonbury` process with real clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+mod common;
+mod e2e_core;
+mod storage_suite;

@@ -1,0 +1,420 @@
+//! The storage suite: the same record-path behaviour checked on SQLite and, when
+//! `GLASTONBURY_TEST_DATABASE_URL` is set, on PostgreSQL.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sqlx::Row;
+
+use glastonbury::access::{self, Principal, Role};
+use glastonbury::records::{Precondition, RecordBody, RecordError};
+
+use crate::common::{EngineUnderTest, TestAppliance, clinician};
+
+fn body(patient: Option<&str>, text: &str) -> RecordBody {
+    RecordBody {
+        patient_id: patient.map(str::to_owned),
+        content_type: "application/fhir+json".to_owned(),
+        body: Bytes::from(text.to_owned()),
+    }
+}
+
+fn appliance_for(engine: EngineUnderTest) -> Option<TestAppliance> {
+    let appliance = TestAppliance::new(engine);
+    if appliance.is_none() {
+        println!(
+            "notice: GLASTONBURY_TEST_DATABASE_URL is not set; skipping the PostgreSQL variant"
+        );
+    }
+    appliance
+}
+
+async fn journal_size(appliance: &glastonbury::appliance::Appliance) -> i64 {
+    sqlx::query("SELECT COUNT(*) FROM audit_leaves")
+        .fetch_one(appliance.database.pool())
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap()
+}
+
+async fn versions_are_kept_and_deletes_are_tombstones(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let records = &appliance.records;
+    let principal = clinician();
+    let create = records
+        .authorize::<access::Create>(&principal, "Observation")
+        .await
+        .unwrap();
+    let update = records
+        .authorize::<access::Update>(&principal, "Observation")
+        .await
+        .unwrap();
+    let read = records
+        .authorize::<access::Read>(&principal, "Observation")
+        .await
+        .unwrap();
+    let delete = records
+        .authorize::<access::Delete>(&principal, "Observation")
+        .await
+        .unwrap();
+
+    let first = records
+        .create(&create, "o1", body(Some("p1"), "version one"))
+        .await
+        .unwrap();
+    assert_eq!(first.version, 1);
+    let second = records
+        .update(
+            &update,
+            "o1",
+            body(Some("p1"), "version two"),
+            Precondition::VersionIs(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(second.version, 2);
+    assert!(second.last_updated > first.last_updated);
+    assert_eq!(
+        records.read(&read, "o1").await.unwrap().body,
+        Bytes::from("version two")
+    );
+    assert_eq!(
+        records.read_version(&read, "o1", 1).await.unwrap().body,
+        Bytes::from("version one")
+    );
+
+    let stale = records
+        .update(
+            &update,
+            "o1",
+            body(Some("p1"), "lost update"),
+            Precondition::VersionIs(1),
+        )
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(RecordError::VersionConflict { current: Some(2) })
+        ),
+        "{stale:?}"
+    );
+    let duplicate = records
+        .create(&create, "o1", body(Some("p1"), "again"))
+        .await;
+    assert!(
+        matches!(duplicate, Err(RecordError::AlreadyExists)),
+        "{duplicate:?}"
+    );
+
+    let tombstone = records
+        .delete(&delete, "o1", Precondition::None)
+        .await
+        .unwrap();
+    assert_eq!(tombstone.version, 3);
+    assert!(matches!(
+        records.read(&read, "o1").await,
+        Err(RecordError::Deleted { version: 3, .. })
+    ));
+    assert_eq!(
+        records.read_version(&read, "o1", 2).await.unwrap().body,
+        Bytes::from("version two")
+    );
+    assert!(matches!(
+        records.read(&read, "missing").await,
+        Err(RecordError::NotFound)
+    ));
+
+    let recreated = records
+        .create(&create, "o1", body(Some("p1"), "reborn"))
+        .await
+        .unwrap();
+    assert_eq!(recreated.version, 4);
+    appliance.close().await;
+}
+
+async fn every_access_and_denial_is_journaled(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let records = &appliance.records;
+    let before = journal_size(&appliance).await;
+    let principal = clinician();
+    let create = records
+        .authorize::<access::Create>(&principal, "Patient")
+        .await
+        .unwrap();
+    let read = records
+        .authorize::<access::Read>(&principal, "Patient")
+        .await
+        .unwrap();
+    records
+        .create(&create, "p9", body(Some("p9"), "{}"))
+        .await
+        .unwrap();
+    records.read(&read, "p9").await.unwrap();
+    let admin = Arc::new(Principal {
+        role: Role::Admin,
+        ..(*clinician()).clone()
+    });
+    let denied = records.authorize::<access::Read>(&admin, "Patient").await;
+    assert!(matches!(denied, Err(RecordError::Denied(_))));
+    assert_eq!(
+        journal_size(&appliance).await - before,
+        3,
+        "create, read and denial each leave one leaf"
+    );
+    let failed_create = records.create(&create, "p9", body(Some("p9"), "{}")).await;
+    assert!(failed_create.is_err());
+    assert_eq!(
+        journal_size(&appliance).await - before,
+        3,
+        "a write that did not happen leaves no leaf"
+    );
+    appliance.close().await;
+}
+
+async fn concurrent_writers_all_land(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let records = Arc::clone(&appliance.records);
+    let principal = clinician();
+    let update = Arc::new(
+        records
+            .authorize::<access::Update>(&principal, "Observation")
+            .await
+            .unwrap(),
+    );
+    let mut tasks = Vec::new();
+    for writer in 0..16 {
+        let records = Arc::clone(&records);
+        let update = Arc::clone(&update);
+        tasks.push(tokio::spawn(async move {
+            for round in 0..20 {
+                let text = format!("writer {writer} round {round}");
+                records
+                    .update(&update, "shared", body(None, &text), Precondition::None)
+                    .await
+                    .unwrap();
+                records
+                    .update(
+                        &update,
+                        &format!("own-{writer}"),
+                        body(Some("p"), &text),
+                        Precondition::None,
+                    )
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let read = records
+        .authorize::<access::Read>(&principal, "Observation")
+        .await
+        .unwrap();
+    assert_eq!(
+        records.read(&read, "shared").await.unwrap().meta.version,
+        320
+    );
+    for writer in 0..16 {
+        let own = records.read(&read, &format!("own-{writer}")).await.unwrap();
+        assert_eq!(own.meta.version, 20);
+        assert_eq!(own.body, Bytes::from(format!("writer {writer} round 19")));
+    }
+    let leaf_indexes: Vec<i64> =
+        sqlx::query("SELECT leaf_index FROM audit_leaves ORDER BY leaf_index")
+            .fetch_all(appliance.database.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.try_get(0).unwrap())
+            .collect();
+    assert!(
+        leaf_indexes
+            .iter()
+            .enumerate()
+            .all(|(position, index)| *index == position as i64),
+        "leaf indexes are dense"
+    );
+    appliance.close().await;
+}
+
+async fn shredding_one_patient_leaves_others_readable(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let records = &appliance.records;
+    let principal = clinician();
+    let create = records
+        .authorize::<access::Create>(&principal, "Observation")
+        .await
+        .unwrap();
+    let read = records
+        .authorize::<access::Read>(&principal, "Observation")
+        .await
+        .unwrap();
+    records
+        .create(&create, "a", body(Some("alice"), "alice data"))
+        .await
+        .unwrap();
+    records
+        .create(&create, "b", body(Some("bob"), "bob data"))
+        .await
+        .unwrap();
+    let admin = Arc::new(Principal::local_administrator("HOPERAT"));
+    assert!(records.shred_patient(&admin, "alice").await.unwrap());
+    assert!(matches!(
+        records.read(&read, "a").await,
+        Err(RecordError::Shredded)
+    ));
+    assert_eq!(
+        records.read(&read, "b").await.unwrap().body,
+        Bytes::from("bob data")
+    );
+    let refused = records
+        .create(&create, "a2", body(Some("alice"), "more"))
+        .await;
+    assert!(matches!(refused, Err(RecordError::Shredded)), "{refused:?}");
+    assert!(
+        records.shred_patient(&clinician(), "bob").await.is_err(),
+        "only admins shred"
+    );
+    appliance.close().await;
+}
+
+async fn rotation_rewraps_keys_and_keeps_payloads(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let principal = clinician();
+    {
+        let records = &appliance.records;
+        let create = records
+            .authorize::<access::Create>(&principal, "Observation")
+            .await
+            .unwrap();
+        for index in 0..5 {
+            records
+                .create(
+                    &create,
+                    &format!("r{index}"),
+                    body(Some(&format!("p{index}")), "kept"),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let before: Vec<u8> = sqlx::query("SELECT body FROM records WHERE resource_id = 'r0'")
+        .fetch_one(appliance.database.pool())
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    let summary = appliance.vault.rotate_master().await.unwrap();
+    assert_eq!(summary.patient_keys, 5);
+    let after: Vec<u8> = sqlx::query("SELECT body FROM records WHERE resource_id = 'r0'")
+        .fetch_one(appliance.database.pool())
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    assert_eq!(before, after, "payloads are not re-encrypted");
+    appliance.close().await;
+    let reopened = test.open().await;
+    let read = reopened
+        .records
+        .authorize::<access::Read>(&principal, "Observation")
+        .await
+        .unwrap();
+    for index in 0..5 {
+        assert_eq!(
+            reopened
+                .records
+                .read(&read, &format!("r{index}"))
+                .await
+                .unwrap()
+                .body,
+            Bytes::from("kept")
+        );
+    }
+    reopened.close().await;
+}
+
+async fn large_bodies_go_to_the_blob_store(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let records = &appliance.records;
+    let principal = clinician();
+    let create = records
+        .authorize::<access::Create>(&principal, "DocumentReference")
+        .await
+        .unwrap();
+    let read = records
+        .authorize::<access::Read>(&principal, "DocumentReference")
+        .await
+        .unwrap();
+    let large = "x".repeat(200_000);
+    records
+        .create(&create, "big", body(Some("p"), &large))
+        .await
+        .unwrap();
+    let key = glastonbury::records::RecordKey::new("DocumentReference", "big");
+    let blob_key = records
+        .blob_key_of(&key, 1)
+        .await
+        .unwrap()
+        .expect("large bodies live in the blob store");
+    let on_disk = std::fs::read(appliance.blobs.local_path(&blob_key).unwrap()).unwrap();
+    assert!(
+        on_disk.starts_with(b"age-encryption.org/v1"),
+        "blobs are age files"
+    );
+    assert_eq!(
+        records.read(&read, "big").await.unwrap().body.len(),
+        large.len()
+    );
+    appliance.close().await;
+}
+
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::common::EngineUnderTest::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::common::EngineUnderTest::Postgres).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_engines!(
+    versions_are_kept_and_deletes_are_tombstones,
+    every_access_and_denial_is_journaled,
+    concurrent_writers_all_land,
+    shredding_one_patient_leaves_others_readable,
+    rotation_rewraps_keys_and_keeps_payloads,
+    large_bodies_go_to_the_blob_store,
+);
