@@ -53,8 +53,8 @@ enum Command {
         /// The client id.
         #[arg(long)]
         client: String,
-        /// The client secret (or set GLASTONBURY_CLIENT_SECRET... prefer a file: --secret-file).
-        #[arg(long, conflicts_with = "secret_file")]
+        /// The client secret (prefer --secret-file: arguments are visible to other local users).
+        #[arg(long, conflicts_with = "secret_file", allow_hyphen_values = true)]
         secret: Option<String>,
         /// A file holding the client secret.
         #[arg(long)]

@@ -1,6 +1,5 @@
 //! API clients: registration (role, scopes, secret shown once) and secret checks in constant time.
 
-use base64::Engine as _;
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -52,9 +51,8 @@ impl Clients {
         let client_id = uuid::Uuid::new_v4().to_string();
         let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(bytes.as_mut());
-        let secret = SecretString::from(
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes.as_ref()),
-        );
+        // Hex, so a secret never starts with `-` and never needs quoting in a shell.
+        let secret = SecretString::from(hex::encode(bytes.as_ref()));
         let scopes: Vec<&str> = client
             .scopes
             .iter()

@@ -125,6 +125,8 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     tracing::info!(address = %address, scheme, "http listening");
     let result = match &appliance.settings.tls {
         Some(tls) => {
+            // Several TLS backends are linked in through dependencies; pick ring explicitly.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(
                 &tls.certificate_path,
                 &tls.private_key_path,
