@@ -8,7 +8,7 @@ use secrecy::SecretString;
 use crate::access::{Role, Scope};
 use crate::auth::{Clients, NewClient, TokenIssuer};
 use crate::config::Settings;
-use crate::journal::JournalIdentity;
+use crate::journal::{CheckpointService, JournalError, JournalIdentity};
 use crate::records::Records;
 use crate::storage::{BlobError, BlobStore, Database, StorageError};
 use crate::vault::master_key::MasterKeyFile;
@@ -28,6 +28,8 @@ pub enum StartError {
     Vault(#[from] VaultError),
     #[error(transparent)]
     Blob(#[from] BlobError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// The first administrator client, created on first start; its secret is shown once.
@@ -54,6 +56,7 @@ pub struct Appliance {
     pub records: Arc<Records>,
     pub clients: Clients,
     pub tokens: Arc<TokenIssuer>,
+    pub checkpoints: Arc<CheckpointService>,
 }
 
 impl Appliance {
@@ -91,6 +94,10 @@ impl Appliance {
             Arc::clone(&vault),
             identity,
         ));
+        let checkpoints = Arc::new(
+            CheckpointService::open(database.clone(), Arc::clone(&vault), &settings.appliance_id)
+                .await?,
+        );
         let clients = Clients::new(database.clone());
         let first_admin = create_first_admin(&clients).await?;
         let appliance = Self {
@@ -101,6 +108,7 @@ impl Appliance {
             records,
             clients,
             tokens,
+            checkpoints,
         };
         Ok((
             appliance,

@@ -31,12 +31,14 @@ pub async fn run(records: usize, postgres: Option<&str>, json: bool) -> anyhow::
     let appliance = open_appliance(directory.path(), None).await?;
     measure_encryption(&appliance, json).await?;
     measure_records(&appliance, "sqlite", records, json).await?;
+    measure_journal(&appliance, "sqlite", records, json).await?;
     appliance.close().await;
     if let Some(url) = postgres {
         let database = TemporaryPostgres::create(url).await?;
         let pg_directory = tempfile::tempdir()?;
         let appliance = open_appliance(pg_directory.path(), Some(&database.url)).await?;
         measure_records(&appliance, "postgres", records, json).await?;
+        measure_journal(&appliance, "postgres", records, json).await?;
         appliance.close().await;
         database.drop_database().await?;
     }
@@ -262,6 +264,75 @@ fn per_second(count: usize, started: Instant) -> f64 {
 
 fn mib_per_second(rounds: usize, started: Instant) -> f64 {
     rounds as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Durable audit appends (one leaf per transaction unit: an audited access denial) with one and
+/// with many concurrent writers, then inclusion proofs served from the stored nodes.
+async fn measure_journal(
+    appliance: &Appliance,
+    engine: &str,
+    count: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let denied = Arc::new(Principal {
+        role: Role::Admin,
+        ..(*bench_principal()).clone()
+    });
+    for writers in [1, CONCURRENCY] {
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for worker in 0..writers {
+            let records = Arc::clone(&appliance.records);
+            let denied = Arc::clone(&denied);
+            tasks.push(tokio::spawn(async move {
+                for _ in (worker..count).step_by(writers) {
+                    let outcome = records.authorize::<access::Read>(&denied, "Patient").await;
+                    anyhow::ensure!(outcome.is_err(), "the bench principal must be denied");
+                }
+                anyhow::Ok(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        report(
+            json,
+            &format!("{engine}: durable audit appends, {writers} writer(s)"),
+            per_second(count, started),
+            "appends/s",
+        );
+    }
+    let mut connection = appliance.database.pool().acquire().await?;
+    let tree = glastonbury::journal::store::read_head(&mut connection).await?;
+    let size = tree.size();
+    let root = tree.root();
+    let proofs = 1000u64;
+    let started = Instant::now();
+    for step in 0..proofs {
+        let index = (step * 7919) % size;
+        let plan = glastonbury_audit::inclusion_plan(index, size)?;
+        let nodes = glastonbury::journal::store::fetch_nodes(&mut connection, &plan.nodes()).await?;
+        let proof = plan.assemble(&nodes)?;
+        let leaf = sqlx::query("SELECT leaf FROM audit_leaves WHERE leaf_index = $1")
+            .bind(i64::try_from(index)?)
+            .fetch_one(&mut *connection)
+            .await?;
+        let bytes: Vec<u8> = sqlx::Row::try_get(&leaf, 0)?;
+        glastonbury_audit::verify_inclusion(
+            &glastonbury_audit::leaf_hash(&bytes),
+            index,
+            size,
+            &proof,
+            &root,
+        )?;
+    }
+    report(
+        json,
+        &format!("{engine}: inclusion proofs from stored nodes, verified"),
+        per_second(proofs as usize, started),
+        "proofs/s",
+    );
+    Ok(())
 }
 
 /// A uniquely named PostgreSQL database, dropped at the end.

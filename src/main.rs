@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
+mod audit_cli;
 mod bench;
 
 use glastonbury::access::{Principal, Role, Scope};
@@ -75,6 +76,11 @@ enum Command {
     Patient {
         #[command(subcommand)]
         command: PatientCommand,
+    },
+    /// The audit journal: export, verify, fsck, disclosures, checkpoint keys.
+    Audit {
+        #[command(subcommand)]
+        command: audit_cli::AuditCommand,
     },
     /// Measure vault and storage throughput and print the numbers.
     Bench {
@@ -179,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             command: KeysCommand::Rotate,
         } => rotate_keys(settings, cli.json).await,
         Command::Patient { command } => patient(settings, command, cli.json).await,
+        Command::Audit { command } => audit_cli::run(settings, command, cli.json).await,
         Command::Bench { records, postgres } => {
             let postgres = postgres.or_else(|| std::env::var("GLASTONBURY_TEST_DATABASE_URL").ok());
             bench::run(records, postgres.as_deref(), cli.json).await

@@ -6,7 +6,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use glastonbury_audit::{
     AUDIT_EVENT_SCHEMA, AuditAction, AuditAgent, AuditEntity, AuditEvent, AuditOutcome,
     CompactRange, DetailCommitment, DetailNonce, Export, ExportEntryInput, ExportRequest,
-    MemoryNodeStore, MerkleError, NoteSigner, RANGE_CHUNK, SealedDetail, VerifyError, build_export,
+    MemoryNodeStore, MerkleError, NoteSigner, SealedDetail, VerifyError, build_export,
     codes, export_nodes_needed, verify_export,
 };
 
@@ -198,13 +198,12 @@ fn changed_leaf_is_named() {
     let log = Log::new(3000);
     let mut export = log.export(&contiguous(0, 3000), None);
     change_leaf(&mut export, 2100);
-    let chunk_start = 2100 / RANGE_CHUNK * RANGE_CHUNK;
     let err = log.verify(&export, None).unwrap_err();
     assert!(
-        matches!(err, VerifyError::Range { begin, source: MerkleError::RootMismatch, .. } if begin == chunk_start),
-        "{err}"
+        matches!(err, VerifyError::Leaf { index: 2100, .. }),
+        "a changed entry inside a range proof's window is named exactly: {err}"
     );
-    assert_eq!(err.entry_index(), Some(chunk_start));
+    assert_eq!(err.entry_index(), Some(2100));
 
     let picks = sparse(3000);
     let mut export = log.export(&picks, None);
@@ -217,7 +216,7 @@ fn changed_leaf_is_named() {
     change_leaf(&mut export, position);
     let err = log.verify(&export, None).unwrap_err();
     assert!(
-        matches!(err, VerifyError::Inclusion { index: i, .. } if i == index),
+        matches!(err, VerifyError::Leaf { index: i, .. } if i == index),
         "{err}"
     );
     assert!(err.to_string().starts_with(&format!("entry {index}: ")));
@@ -264,7 +263,7 @@ fn reordered_entries_are_named() {
     export.entries[12].leaf = first;
     assert!(matches!(
         log.verify(&export, None),
-        Err(VerifyError::Range { begin: 0, .. })
+        Err(VerifyError::Leaf { index: 11, .. })
     ));
 }
 

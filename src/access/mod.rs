@@ -66,9 +66,14 @@ pub struct Principal {
 impl Principal {
     /// The appliance itself, for work the CLI does on an administrator's behalf.
     pub fn local_administrator(purpose: &str) -> Self {
+        Self::local_operator(Role::Admin, purpose)
+    }
+
+    /// The local command line acting in `role` (whoever can run it holds the data dir).
+    pub fn local_operator(role: Role, purpose: &str) -> Self {
         Self {
             id: "local-cli".to_owned(),
-            role: Role::Admin,
+            role,
             scopes: Vec::new(),
             token_id: None,
             network_address: None,
@@ -127,6 +132,24 @@ impl<A: Action> Allowed<A> {
     }
 }
 
+/// Proof that `principal` may read the audit journal (compliance officers only: the journal
+/// names every patient's pseudonym and who looked at what).
+#[derive(Debug, Clone)]
+pub struct AuditJournalAccess {
+    principal: Arc<Principal>,
+    decided_by: Vec<String>,
+}
+
+impl AuditJournalAccess {
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    pub fn decided_by(&self) -> &[String] {
+        &self.decided_by
+    }
+}
+
 /// Why access was refused. Carries no PHI.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("access denied: {reason}")]
@@ -173,6 +196,28 @@ impl Authorizer {
             resource_type: resource_type.to_owned(),
             decided_by: vec![policy.to_owned(), "smart-scopes".to_owned()],
             action: PhantomData,
+        })
+    }
+}
+
+impl Authorizer {
+    /// Decides whether `principal` may read the audit journal: the compliance role only.
+    pub fn decide_audit_access(
+        &self,
+        principal: &Arc<Principal>,
+    ) -> Result<AuditJournalAccess, Denied> {
+        if principal.role != Role::Compliance {
+            return Err(Denied {
+                reason: format!(
+                    "role {} may not read the audit journal",
+                    principal.role.as_str()
+                ),
+                decided_by: vec!["audit-journal-compliance-only".to_owned()],
+            });
+        }
+        Ok(AuditJournalAccess {
+            principal: Arc::clone(principal),
+            decided_by: vec!["audit-journal-compliance-only".to_owned()],
         })
     }
 }
@@ -243,6 +288,23 @@ mod tests {
                 .decide::<Read>(&principal(Role::Compliance, "system/*.cruds"), "Patient")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn only_compliance_reads_the_audit_journal() {
+        let authorizer = Authorizer;
+        assert!(
+            authorizer
+                .decide_audit_access(&principal(Role::Compliance, ""))
+                .is_ok()
+        );
+        for role in [Role::Clinician, Role::Admin, Role::Device, Role::Researcher] {
+            assert!(
+                authorizer
+                    .decide_audit_access(&principal(role, "system/*.cruds"))
+                    .is_err()
+            );
+        }
     }
 
     #[test]

@@ -10,7 +10,9 @@ use bytes::Bytes;
 use sqlx::Row;
 use tokio::sync::broadcast;
 
-use crate::access::{self, Action, Allowed, Authorizer, Denied, Principal, Role};
+use crate::access::{
+    self, Action, Allowed, AuditJournalAccess, Authorizer, Denied, Principal, Role,
+};
 use crate::journal::{AuditDraft, JournalIdentity, Outcome, codes};
 use crate::storage::{BlobError, BlobStore, Database, StorageError};
 use crate::vault::{Vault, VaultError};
@@ -39,6 +41,8 @@ pub enum RecordError {
     Damaged,
     #[error("the record writer is not running")]
     Unavailable,
+    #[error("audit leaf could not be made: {0}")]
+    Audit(String),
     #[error(transparent)]
     Vault(VaultError),
     #[error(transparent)]
@@ -185,7 +189,8 @@ impl Records {
                 )
                 .on(resource_type, None)
                 .decided_by(&denied.decided_by)
-                .failed(Outcome::MinorFailure);
+                .failed(Outcome::MinorFailure)
+                .because("forbidden");
                 self.writer
                     .write(WriteUnit {
                         rows: Vec::new(),
@@ -195,6 +200,60 @@ impl Records {
                 Err(RecordError::Denied(denied))
             }
         }
+    }
+
+    /// Decides whether `principal` may read the audit journal; a denial is journaled.
+    pub async fn authorize_audit_access(
+        &self,
+        principal: &Arc<Principal>,
+    ) -> Result<AuditJournalAccess, RecordError> {
+        match self.authorizer.decide_audit_access(principal) {
+            Ok(access) => Ok(access),
+            Err(denied) => {
+                let draft = AuditDraft::by(principal, codes::SECURITY_ALERT, "audit-query", 'R')
+                    .decided_by(&denied.decided_by)
+                    .failed(Outcome::MinorFailure)
+                    .because("forbidden");
+                self.writer
+                    .write(WriteUnit {
+                        rows: Vec::new(),
+                        audit: vec![draft],
+                    })
+                    .await?;
+                Err(RecordError::Denied(denied))
+            }
+        }
+    }
+
+    /// Journals a use of the audit log (DCM 110101). The query text can name a patient, so it
+    /// is sealed to that patient's key (or the appliance's no-patient key).
+    pub async fn journal_audit_log_used(
+        &self,
+        access: &AuditJournalAccess,
+        subtype: &str,
+        query_text: &str,
+        patient_ref: Option<&str>,
+    ) -> Result<(), RecordError> {
+        let key_ref = patient_ref.map_or_else(|| self.vault.patient_ref(None), str::to_owned);
+        let sealed = crate::journal::sealing::seal(&self.vault, &key_ref, query_text.as_bytes())
+            .await
+            .map_err(|error| RecordError::Audit(error.to_string()))?;
+        let mut draft = AuditDraft::by(
+            access.principal(),
+            codes::AUDIT_LOG_USED,
+            subtype,
+            if subtype == "export" { 'E' } else { 'R' },
+        )
+        .decided_by(access.decided_by())
+        .with_detail(sealed);
+        draft.patient_ref = patient_ref.map(str::to_owned);
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: vec![draft],
+            })
+            .await?;
+        Ok(())
     }
 
     /// Creates a record with a server-assigned or client-assigned id that must be new.

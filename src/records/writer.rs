@@ -8,7 +8,7 @@ use sqlx::{AnyConnection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::RecordError;
-use crate::journal::{self, AuditDraft, JournalIdentity};
+use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
 use crate::storage::Database;
 
 /// The most writes one transaction carries.
@@ -58,7 +58,7 @@ pub struct WrittenRow {
 #[derive(Debug, Clone)]
 pub struct UnitReceipt {
     pub rows: Vec<WrittenRow>,
-    pub first_leaf_index: i64,
+    pub first_leaf_index: u64,
 }
 
 struct Job {
@@ -142,23 +142,22 @@ async fn run_batch_transaction(
     let mut transaction = database.pool().begin().await?;
     // Taking the journal head row first makes this the writer (SQLite) or serializes the batch
     // against other replicas' batches (PostgreSQL) before anything is read.
-    sqlx::query("UPDATE journal_head SET batches = batches + 1 WHERE id = 1")
-        .execute(&mut *transaction)
-        .await?;
-    let mut next_leaf = journal::current_size(&mut transaction)
+    let mut tree = journal::lock_head(&mut transaction)
         .await
-        .map_err(storage_to_sqlx)?;
+        .map_err(journal_to_sqlx)?;
     let mut outcomes = Vec::with_capacity(units.len());
+    let mut leaves: Vec<PendingLeaf> = Vec::new();
     for unit in units {
         sqlx::query("SAVEPOINT unit")
             .execute(&mut *transaction)
             .await?;
-        match apply_unit(&mut transaction, identity, unit, next_leaf).await {
-            Ok((receipt, after)) => {
+        match apply_unit(&mut transaction, identity, unit).await {
+            Ok((mut receipt, unit_leaves)) => {
                 sqlx::query("RELEASE SAVEPOINT unit")
                     .execute(&mut *transaction)
                     .await?;
-                next_leaf = after;
+                receipt.first_leaf_index = tree.size() + leaves.len() as u64;
+                leaves.extend(unit_leaves);
                 outcomes.push(Ok(receipt));
             }
             Err(error) => {
@@ -172,23 +171,23 @@ async fn run_batch_transaction(
             }
         }
     }
-    journal::store_size(&mut transaction, next_leaf)
+    journal::append_leaves(&mut transaction, &mut tree, &leaves)
         .await
-        .map_err(storage_to_sqlx)?;
+        .map_err(journal_to_sqlx)?;
     transaction.commit().await?;
     Ok(outcomes)
 }
 
-fn storage_to_sqlx(error: crate::storage::StorageError) -> sqlx::Error {
+fn journal_to_sqlx(error: journal::JournalError) -> sqlx::Error {
     sqlx::Error::Protocol(error.to_string())
 }
 
+/// Writes a unit's rows and encodes its leaves (appended by the caller once the batch is known).
 async fn apply_unit(
     connection: &mut AnyConnection,
     identity: &JournalIdentity,
     unit: &WriteUnit,
-    first_leaf: i64,
-) -> Result<(UnitReceipt, i64), RecordError> {
+) -> Result<(UnitReceipt, Vec<PendingLeaf>), RecordError> {
     let mut rows = Vec::with_capacity(unit.rows.len());
     let mut audit = unit.audit.clone();
     for (position, row) in unit.rows.iter().enumerate() {
@@ -198,13 +197,18 @@ async fn apply_unit(
         }
         rows.push(written);
     }
-    let after = journal::append_leaves(connection, identity, first_leaf, &audit).await?;
+    let recorded_at = crate::storage::now_micros();
+    let leaves = audit
+        .iter()
+        .map(|draft| PendingLeaf::encode(identity, draft, recorded_at))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| RecordError::Audit(error.to_string()))?;
     Ok((
         UnitReceipt {
             rows,
-            first_leaf_index: first_leaf,
+            first_leaf_index: 0,
         },
-        after,
+        leaves,
     ))
 }
 

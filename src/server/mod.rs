@@ -1,6 +1,7 @@
 //! The HTTP server: the axum router with its layers (request ids, masked logs, limits, timeouts,
 //! security headers, metrics), optional TLS, and graceful shutdown on SIGTERM.
 
+pub mod audit_routes;
 pub mod authenticate;
 pub mod fhir_routes;
 pub mod metrics;
@@ -40,6 +41,9 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
 }
 
+/// How often a checkpoint is signed while the journal grows.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(5);
+
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Builds the router with every layer.
@@ -49,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .merge(probes::routes())
         .merge(token_routes::routes())
         .nest("/fhir", fhir_routes::routes())
+        .nest("/audit", audit_routes::routes())
         .fallback(problem::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -123,6 +128,7 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
         "http"
     };
     tracing::info!(address = %address, scheme, "http listening");
+    let signer = Arc::clone(&appliance.checkpoints).spawn_periodic(CHECKPOINT_INTERVAL);
     let result = match &appliance.settings.tls {
         Some(tls) => {
             // Several TLS backends are linked in through dependencies; pick ring explicitly.
@@ -146,6 +152,10 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
         }
     };
     result.map_err(|source| ServeError::Listen { address, source })?;
+    signer.abort();
+    if let Err(error) = appliance.checkpoints.sign_if_grown().await {
+        tracing::error!(error = %error, "final audit checkpoint was not signed");
+    }
     tracing::info!("http server drained; closing storage");
     appliance.close().await;
     Ok(())

@@ -287,10 +287,18 @@ impl Vault {
         Ok(Zeroizing::new(array))
     }
 
-    /// The secret seed of the audit checkpoint signer (created on first use).
-    pub async fn audit_signing_seed(&self) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+    /// The secret seed of one generation (1, 2, …) of the audit checkpoint signer, created on
+    /// first use. Old generations stay so their public keys keep verifying old checkpoints.
+    pub async fn audit_signing_seed(
+        &self,
+        generation: u32,
+    ) -> Result<Zeroizing<[u8; 32]>, VaultError> {
         let master = self.current_master();
-        Self::load_or_create_secret(&self.database, &master, AUDIT_SIGNING_SECRET).await
+        let name = match generation {
+            0 | 1 => AUDIT_SIGNING_SECRET.to_owned(),
+            later => format!("{AUDIT_SIGNING_SECRET}-{later}"),
+        };
+        Self::load_or_create_secret(&self.database, &master, &name).await
     }
 
     /// The secret seed of the access-token signer (created on first use).

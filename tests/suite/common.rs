@@ -278,3 +278,26 @@ pub fn files_under(root: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// Expands each named `async fn name(engine: EngineUnderTest)` into a `sqlite::name` and a
+/// `postgres::name` test (the PostgreSQL one skips with a notice when no server is configured).
+macro_rules! on_both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::common::EngineUnderTest::Sqlite).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(crate::common::EngineUnderTest::Postgres).await;
+                }
+            )*
+        }
+    };
+}

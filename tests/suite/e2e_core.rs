@@ -652,6 +652,44 @@ fn acknowledged_writes_survive_sigkill() {
     for (id, resource) in &written {
         fhir.assert_reads_back(resource, id);
     }
+    assert_journal_survived_the_crash(&restarted, &written);
+}
+
+/// After a SIGKILL under load: fsck is clean and every acknowledged create has its audit entry.
+fn assert_journal_survived_the_crash(server: &Server, written: &[(String, Value)]) {
+    let fsck = server.command(&["audit", "fsck"]);
+    assert!(
+        fsck.status.success(),
+        "fsck after the crash: {}",
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let officer = server.token_for("compliance", &[]);
+    let client = Client::new();
+    let mut journaled_creates = std::collections::HashSet::new();
+    let mut next = Some("/audit?type=110110&limit=1000".to_owned());
+    while let Some(path) = next {
+        let page: Value = client
+            .get(format!("{}{path}", server.base_url))
+            .bearer_auth(&officer)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        for entry in page["entries"].as_array().unwrap() {
+            let event = &entry["event"];
+            if event["subtypes"][0]["code"] == "create" {
+                let what = event["entities"][0]["resource_id"].as_str().unwrap();
+                journaled_creates.insert(what.split('/').next().unwrap().to_owned());
+            }
+        }
+        next = page["next"].as_str().map(str::to_owned);
+    }
+    for (id, _) in written {
+        assert!(
+            journaled_creates.contains(id),
+            "acknowledged create {id} has no audit entry"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

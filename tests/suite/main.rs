@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
+#[macro_use]
 mod common;
+mod audit_journal;
+mod e2e_audit;
 mod e2e_core;
 mod storage_suite;

@@ -389,27 +389,6 @@ async fn large_bodies_go_to_the_blob_store(engine: EngineUnderTest) {
     appliance.close().await;
 }
 
-macro_rules! on_both_engines {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::common::EngineUnderTest::Sqlite).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(crate::common::EngineUnderTest::Postgres).await;
-                }
-            )*
-        }
-    };
-}
-
 on_both_engines!(
     versions_are_kept_and_deletes_are_tombstones,
     every_access_and_denial_is_journaled,

@@ -153,6 +153,11 @@ pub fn build_export(
         root,
         query: request.query.clone(),
         runs: runs_of(request.entries.iter().map(|entry| entry.index)),
+        leaf_hashes: request
+            .entries
+            .iter()
+            .map(|entry| crate::hash::leaf_hash(&entry.leaf))
+            .collect(),
     };
     let mut entries: Vec<ExportEntry> = request.entries.into_iter().map(export_entry).collect();
     let mut ranges = Vec::new();

@@ -19,6 +19,9 @@ pub(crate) struct Manifest {
     pub(crate) query: String,
     /// Maximal runs of selected indexes, inclusive bounds, increasing and non-adjacent.
     pub(crate) runs: Vec<(u64, u64)>,
+    /// The leaf hash of every selected entry, in selection order: a changed entry is named
+    /// exactly, even inside a range proof's window.
+    pub(crate) leaf_hashes: Vec<Hash>,
 }
 
 impl Manifest {
@@ -30,21 +33,23 @@ impl Manifest {
             let items: Vec<String> = self.runs.iter().map(|run| format_run(*run)).collect();
             items.join(",")
         };
+        let leaves: Vec<u8> = self.leaf_hashes.iter().flatten().copied().collect();
         format!(
-            "{MANIFEST_TAG}\n{}\n{}\n{}\nquery {}\nselection {}\n",
+            "{MANIFEST_TAG}\n{}\n{}\n{}\nquery {}\nselection {}\nleaves {}\n",
             self.origin,
             self.size,
             BASE64.encode(self.root),
             self.query,
-            selection
+            selection,
+            BASE64.encode(leaves)
         )
     }
 
     /// Parses a note body written by [`Manifest::body`].
     pub(crate) fn parse(body: &str) -> Result<Self, &'static str> {
         let lines: Vec<&str> = body.split_terminator('\n').collect();
-        let [tag, origin, size, root, query, selection] = lines.as_slice() else {
-            return Err("expected six lines");
+        let [tag, origin, size, root, query, selection, leaves] = lines.as_slice() else {
+            return Err("expected seven lines");
         };
         if *tag != MANIFEST_TAG {
             return Err("unknown manifest version");
@@ -56,12 +61,22 @@ impl Manifest {
         let selection = selection
             .strip_prefix("selection ")
             .ok_or("bad selection line")?;
+        let leaves = leaves.strip_prefix("leaves ").ok_or("bad leaves line")?;
+        let leaves = BASE64.decode(leaves).map_err(|_| "bad leaves line")?;
+        if leaves.len() % 32 != 0 {
+            return Err("bad leaves line");
+        }
+        let leaf_hashes = leaves
+            .chunks_exact(32)
+            .map(|chunk| Hash::try_from(chunk).map_err(|_| "bad leaves line"))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             origin: (*origin).to_owned(),
             size,
             root,
             query: query.to_owned(),
             runs: parse_selection(selection)?,
+            leaf_hashes,
         })
     }
 }
@@ -130,10 +145,11 @@ mod tests {
             root: [1; 32],
             query: "patient=p-1".into(),
             runs: runs_of([1, 2, 3, 7, 9, 10]),
+            leaf_hashes: vec![[3; 32]; 6],
         };
         assert_eq!(manifest.runs, vec![(1, 3), (7, 7), (9, 10)]);
         let body = manifest.body();
-        assert!(body.ends_with("selection 1-3,7,9-10\n"));
+        assert!(body.contains("\nselection 1-3,7,9-10\nleaves "));
         assert_eq!(Manifest::parse(&body).unwrap(), manifest);
         assert!(parse_selection("3,2").is_err());
         assert!(parse_selection("1-2,3").is_err());

@@ -210,6 +210,7 @@ pub fn verify_export(
     check_manifest(&manifest, &checkpoint)?;
     check_order(&export.entries, checkpoint.size)?;
     check_selection(&export.entries, &manifest.runs)?;
+    check_leaf_hashes(&export.entries, &manifest.leaf_hashes)?;
     let counts = verify_entries(export, &checkpoint)?;
     let previous_size = verify_previous(export, &checkpoint, trusted_keys, previous)?;
     Ok(VerifySummary {
@@ -408,6 +409,28 @@ fn verify_range_entries(
 }
 
 /// Decodes the leaf, checks its opened detail if any, and returns its leaf hash.
+/// Every entry's leaf must hash to what the signed manifest lists for its position.
+fn check_leaf_hashes(entries: &[ExportEntry], listed: &[Hash]) -> Result<(), VerifyError> {
+    let mut buffer = Vec::new();
+    for (position, entry) in entries.iter().enumerate() {
+        let index = entry.index;
+        buffer.clear();
+        BASE64
+            .decode_vec(entry.leaf.as_bytes(), &mut buffer)
+            .map_err(|_| VerifyError::LeafEncoding { index })?;
+        if listed.get(position) != Some(&leaf_hash(&buffer)) {
+            return Err(VerifyError::Leaf {
+                index,
+                reason: "leaf differs from the hash the signed manifest lists for it (the entry was changed)".to_owned(),
+            });
+        }
+    }
+    if listed.len() != entries.len() {
+        return Err(VerifyError::ManifestMismatch("number of leaf hashes"));
+    }
+    Ok(())
+}
+
 fn entry_leaf_hash(
     entry: &ExportEntry,
     buffer: &mut Vec<u8>,

@@ -1,0 +1,185 @@
+//! Appending leaves: encode drafts into canonical leaves, then, inside the group-commit
+//! transaction that holds the journal head row, write the leaves, every Merkle node they
+//! complete, and the new frontier, so the tree is always exactly as durable as the effects.
+
+use glastonbury_audit::{CompactRange, Hash, StoredNode};
+use sqlx::AnyConnection;
+
+use super::JournalError;
+use super::draft::{AuditDraft, JournalIdentity, to_event};
+use super::store;
+
+/// Rows per multi-row INSERT (well below SQLite's and PostgreSQL's parameter limits).
+const LEAF_ROWS_PER_STATEMENT: usize = 200;
+const NODE_ROWS_PER_STATEMENT: usize = 400;
+
+/// A leaf ready to append: canonical bytes plus the columns the query API filters on.
+#[derive(Debug, Clone)]
+pub struct PendingLeaf {
+    pub bytes: Vec<u8>,
+    pub hash: Hash,
+    pub recorded_at: i64,
+    pub patient_ref: Option<String>,
+    pub agent_id: String,
+    pub event_code: String,
+    pub outcome: i64,
+}
+
+impl PendingLeaf {
+    /// Encodes `draft` as the canonical leaf of an event recorded at `recorded_at` (µs).
+    pub fn encode(
+        identity: &JournalIdentity,
+        draft: &AuditDraft,
+        recorded_at: i64,
+    ) -> Result<Self, JournalError> {
+        let event = to_event(identity, draft, recorded_at);
+        let bytes = event.leaf_bytes()?;
+        Ok(Self {
+            hash: glastonbury_audit::leaf_hash(&bytes),
+            bytes,
+            recorded_at,
+            patient_ref: draft.patient_pseudonym().map(str::to_owned),
+            agent_id: draft.agent_id.clone(),
+            event_code: draft.event_code.code.to_owned(),
+            outcome: i64::from(draft.outcome.code()),
+        })
+    }
+}
+
+/// Takes the journal head row for this transaction (the first write of every batch, so batches
+/// serialize on it on both engines) and returns the appender state it holds.
+pub async fn lock_head(connection: &mut AnyConnection) -> Result<CompactRange, JournalError> {
+    sqlx::query("UPDATE journal_head SET batches = batches + 1 WHERE id = 1")
+        .execute(&mut *connection)
+        .await?;
+    store::read_head(connection).await
+}
+
+/// Appends `leaves` after `range` inside the caller's transaction: leaf rows, completed nodes,
+/// and the new head. Returns the index of the first appended leaf. On error `range` is unchanged.
+pub async fn append_leaves(
+    connection: &mut AnyConnection,
+    range: &mut CompactRange,
+    leaves: &[PendingLeaf],
+) -> Result<u64, JournalError> {
+    let first_index = range.size();
+    if leaves.is_empty() {
+        return Ok(first_index);
+    }
+    let hashes: Vec<Hash> = leaves.iter().map(|leaf| leaf.hash).collect();
+    let mut next = range.clone();
+    let batch = next.append_batch(&hashes)?;
+    insert_leaf_rows(connection, first_index, leaves).await?;
+    insert_node_rows(connection, &batch.nodes).await?;
+    store_head(connection, &next).await?;
+    *range = next;
+    Ok(first_index)
+}
+
+async fn insert_leaf_rows(
+    connection: &mut AnyConnection,
+    first_index: u64,
+    leaves: &[PendingLeaf],
+) -> Result<(), JournalError> {
+    let mut index = to_i64(first_index)?;
+    for chunk in leaves.chunks(LEAF_ROWS_PER_STATEMENT) {
+        let sql = multi_row_insert(
+            "INSERT INTO audit_leaves (leaf_index, leaf, recorded_at, patient_ref, agent_id, event_code, outcome) VALUES ",
+            7,
+            chunk.len(),
+        );
+        let mut query = sqlx::query(&sql);
+        for leaf in chunk {
+            query = query
+                .bind(index)
+                .bind(leaf.bytes.clone())
+                .bind(leaf.recorded_at)
+                .bind(leaf.patient_ref.clone())
+                .bind(leaf.agent_id.clone())
+                .bind(leaf.event_code.clone())
+                .bind(leaf.outcome);
+            index += 1;
+        }
+        query.execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+async fn insert_node_rows(
+    connection: &mut AnyConnection,
+    nodes: &[StoredNode],
+) -> Result<(), JournalError> {
+    for chunk in nodes.chunks(NODE_ROWS_PER_STATEMENT) {
+        let sql = multi_row_insert(
+            "INSERT INTO audit_nodes (level, node_index, hash) VALUES ",
+            3,
+            chunk.len(),
+        );
+        let mut query = sqlx::query(&sql);
+        for node in chunk {
+            query = query
+                .bind(i64::from(node.id.level))
+                .bind(to_i64(node.id.index)?)
+                .bind(node.hash.to_vec());
+        }
+        query.execute(&mut *connection).await?;
+    }
+    Ok(())
+}
+
+async fn store_head(
+    connection: &mut AnyConnection,
+    range: &CompactRange,
+) -> Result<(), JournalError> {
+    let frontier: Vec<u8> = range
+        .border()
+        .iter()
+        .flat_map(|node| node.hash)
+        .collect();
+    sqlx::query("UPDATE journal_head SET tree_size = $1, frontier = $2 WHERE id = 1")
+        .bind(to_i64(range.size())?)
+        .bind(frontier)
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
+}
+
+/// `prefix` followed by `rows` groups of `columns` numbered placeholders.
+fn multi_row_insert(prefix: &str, columns: usize, rows: usize) -> String {
+    let mut sql = String::with_capacity(prefix.len() + rows * columns * 6);
+    sql.push_str(prefix);
+    let mut parameter = 1;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push(',');
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push(',');
+            }
+            sql.push('$');
+            sql.push_str(&parameter.to_string());
+            parameter += 1;
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+pub(crate) fn to_i64(value: u64) -> Result<i64, JournalError> {
+    i64::try_from(value).map_err(|_| JournalError::Damaged("index beyond i64".to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::multi_row_insert;
+
+    #[test]
+    fn placeholders_are_numbered_across_rows() {
+        assert_eq!(
+            multi_row_insert("INSERT INTO t (a, b) VALUES ", 2, 2),
+            "INSERT INTO t (a, b) VALUES ($1,$2),($3,$4)"
+        );
+    }
+}
