@@ -311,7 +311,8 @@ async fn measure_journal(
     for step in 0..proofs {
         let index = (step * 7919) % size;
         let plan = glastonbury_audit::inclusion_plan(index, size)?;
-        let nodes = glastonbury::journal::store::fetch_nodes(&mut connection, &plan.nodes()).await?;
+        let nodes =
+            glastonbury::journal::store::fetch_nodes(&mut connection, &plan.nodes()).await?;
         let proof = plan.assemble(&nodes)?;
         let leaf = sqlx::query("SELECT leaf FROM audit_leaves WHERE leaf_index = $1")
             .bind(i64::try_from(index)?)

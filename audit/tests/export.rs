@@ -6,8 +6,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use glastonbury_audit::{
     AUDIT_EVENT_SCHEMA, AuditAction, AuditAgent, AuditEntity, AuditEvent, AuditOutcome,
     CompactRange, DetailCommitment, DetailNonce, Export, ExportEntryInput, ExportRequest,
-    MemoryNodeStore, MerkleError, NoteSigner, SealedDetail, VerifyError, build_export,
-    codes, export_nodes_needed, verify_export,
+    MemoryNodeStore, MerkleError, NoteSigner, SealedDetail, VerifyError, build_export, codes,
+    export_nodes_needed, verify_export,
 };
 
 const ORIGIN: &str = "glastonbury.example/audit/appliance-1";

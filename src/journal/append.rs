@@ -131,11 +131,7 @@ async fn store_head(
     connection: &mut AnyConnection,
     range: &CompactRange,
 ) -> Result<(), JournalError> {
-    let frontier: Vec<u8> = range
-        .border()
-        .iter()
-        .flat_map(|node| node.hash)
-        .collect();
+    let frontier: Vec<u8> = range.border().iter().flat_map(|node| node.hash).collect();
     sqlx::query("UPDATE journal_head SET tree_size = $1, frontier = $2 WHERE id = 1")
         .bind(to_i64(range.size())?)
         .bind(frontier)

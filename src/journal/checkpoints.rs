@@ -77,7 +77,8 @@ impl SigningKeys {
     ) -> Result<(Self, Self), JournalError> {
         let old = Self::load(database, vault, appliance_id).await?;
         let generation = old.generation + 1;
-        let signer = NoteSigner::from_seed(&old.origin, &vault.audit_signing_seed(generation).await?)?;
+        let signer =
+            NoteSigner::from_seed(&old.origin, &vault.audit_signing_seed(generation).await?)?;
         insert_generation(database, generation, &signer).await?;
         let new = Self::load(database, vault, appliance_id).await?;
         Ok((old, new))
@@ -123,11 +124,10 @@ fn origin_for(appliance_id: &str) -> String {
 }
 
 async fn key_rows(database: &Database) -> Result<Vec<(u32, String)>, JournalError> {
-    let rows = sqlx::query(
-        "SELECT generation, verifier_key FROM audit_signing_keys ORDER BY generation",
-    )
-    .fetch_all(database.pool())
-    .await?;
+    let rows =
+        sqlx::query("SELECT generation, verifier_key FROM audit_signing_keys ORDER BY generation")
+            .fetch_all(database.pool())
+            .await?;
     rows.iter()
         .map(|row| {
             let generation = u32::try_from(row.try_get::<i64, _>(0)?)
@@ -204,7 +204,8 @@ impl CheckpointService {
         let mut connection = self.database.pool().acquire().await?;
         let range = store::read_head(&mut connection).await?;
         if range.size() > 0 {
-            self.check_against_latest(&mut connection, &new, &range).await?;
+            self.check_against_latest(&mut connection, &new, &range)
+                .await?;
             let checkpoint = Checkpoint {
                 origin: new.origin().to_owned(),
                 size: range.size(),
@@ -230,7 +231,9 @@ impl CheckpointService {
         if range.size() == 0 {
             return Ok(None);
         }
-        self.sign_range(&mut connection, &keys, &range).await.map(Some)
+        self.sign_range(&mut connection, &keys, &range)
+            .await
+            .map(Some)
     }
 
     /// Signs (and stores) a checkpoint of exactly `range`, after checking it extends the
@@ -305,8 +308,14 @@ pub async fn check_consistency(
     let plan = consistency_plan(signed.size, range.size())?;
     let nodes = store::fetch_nodes(connection, &plan.nodes()).await?;
     let proof = plan.assemble(&nodes).map_err(|_| inconsistent())?;
-    verify_consistency(signed.size, range.size(), &signed.root, &range.root(), &proof)
-        .map_err(|_| inconsistent())
+    verify_consistency(
+        signed.size,
+        range.size(),
+        &signed.root,
+        &range.root(),
+        &proof,
+    )
+    .map_err(|_| inconsistent())
 }
 
 async fn store_checkpoint(
@@ -329,10 +338,12 @@ async fn store_checkpoint(
         .bind(created_at)
         .execute(&mut *connection)
         .await?;
-    let row = sqlx::query("SELECT tree_size, note, created_at FROM audit_checkpoints WHERE tree_size = $1")
-        .bind(to_i64(size)?)
-        .fetch_one(&mut *connection)
-        .await?;
+    let row = sqlx::query(
+        "SELECT tree_size, note, created_at FROM audit_checkpoints WHERE tree_size = $1",
+    )
+    .bind(to_i64(size)?)
+    .fetch_one(&mut *connection)
+    .await?;
     Ok(StoredCheckpoint {
         tree_size: size,
         note: row.try_get(1)?,

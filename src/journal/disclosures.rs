@@ -67,19 +67,28 @@ fn disclosure_of(index: u64, event: &AuditEvent) -> Option<Disclosure> {
     if !releases_data || oversight || event.outcome != AuditOutcome::Success {
         return None;
     }
-    let recipient = event.agents.iter().find(|agent| agent.requestor)?.who.clone();
+    let recipient = event
+        .agents
+        .iter()
+        .find(|agent| agent.requestor)?
+        .who
+        .clone();
     let subtype = event
         .subtypes
         .first()
-        .map_or(event.event_type.code.as_str(), |subtype| subtype.code.as_str());
+        .map_or(event.event_type.code.as_str(), |subtype| {
+            subtype.code.as_str()
+        });
     let what = event
         .entities
         .iter()
-        .find_map(|entity| match (&entity.resource_type, &entity.resource_id) {
-            (Some(kind), Some(id)) => Some(format!("{kind}/{id}")),
-            (Some(kind), None) => Some(kind.clone()),
-            _ => None,
-        })
+        .find_map(
+            |entity| match (&entity.resource_type, &entity.resource_id) {
+                (Some(kind), Some(id)) => Some(format!("{kind}/{id}")),
+                (Some(kind), None) => Some(kind.clone()),
+                _ => None,
+            },
+        )
         .unwrap_or_default();
     let purposes: Vec<&str> = event
         .purpose_of_use

@@ -49,7 +49,11 @@ pub async fn build_verified_export(
     previous: Option<&Export>,
 ) -> Result<Export, ExportError> {
     let keys = checkpoints.keys().await?;
-    let mut connection = database.pool().acquire().await.map_err(JournalError::from)?;
+    let mut connection = database
+        .pool()
+        .acquire()
+        .await
+        .map_err(JournalError::from)?;
     let range = store::read_head(&mut connection).await?;
     checkpoints
         .sign_range(&mut connection, &keys, &range)
@@ -109,9 +113,7 @@ async fn locate_changed_entry(
     };
     leaf_hashes
         .iter()
-        .find(|(index, hash)| {
-            stored.get(&glastonbury_audit::NodeId::new(0, *index)) != Some(hash)
-        })
+        .find(|(index, hash)| stored.get(&glastonbury_audit::NodeId::new(0, *index)) != Some(hash))
         .map_or(ExportError::Verify { source: failure }, |(index, _)| {
             ExportError::ChangedEntry { index: *index }
         })
@@ -273,7 +275,10 @@ pub const CSV_COLUMNS: &[&str] = &[
 /// The entries of an export as RFC 4180 CSV, with spreadsheet formula injection neutralized.
 pub fn to_csv(export: &Export) -> String {
     let mut out = String::new();
-    push_csv_row(&mut out, CSV_COLUMNS.iter().map(|column| (*column).to_owned()));
+    push_csv_row(
+        &mut out,
+        CSV_COLUMNS.iter().map(|column| (*column).to_owned()),
+    );
     for entry in &export.entries {
         let Some(event) = BASE64
             .decode(&entry.leaf)
@@ -285,11 +290,13 @@ pub fn to_csv(export: &Export) -> String {
         let agent = event.agents.first();
         let entity = event.entities.first();
         let resource = entity
-            .map(|entity| match (&entity.resource_type, &entity.resource_id) {
-                (Some(kind), Some(id)) => format!("{kind}/{id}"),
-                (Some(kind), None) => kind.clone(),
-                _ => String::new(),
-            })
+            .map(
+                |entity| match (&entity.resource_type, &entity.resource_id) {
+                    (Some(kind), Some(id)) => format!("{kind}/{id}"),
+                    (Some(kind), None) => kind.clone(),
+                    _ => String::new(),
+                },
+            )
             .unwrap_or_default();
         let row = [
             entry.index.to_string(),

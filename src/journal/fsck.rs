@@ -67,10 +67,8 @@ pub async fn check(
         notes.push(stored.note.clone());
     }
     let largest_checkpoint = checkpoints.last().map_or(0, |stored| stored.tree_size);
-    let mut check = Fsck::new(&notes, verifiers).map_err(|source| FsckFailure::Tree {
-        index: 0,
-        source,
-    })?;
+    let mut check =
+        Fsck::new(&notes, verifiers).map_err(|source| FsckFailure::Tree { index: 0, source })?;
     let mut expected = 0u64;
     loop {
         let leaves = store::leaves_between(connection, expected, expected + CHUNK).await?;

@@ -56,7 +56,13 @@ impl AuditFilter {
 
 fn one_line(text: &str) -> String {
     text.chars()
-        .map(|character| if character.is_control() { '?' } else { character })
+        .map(|character| {
+            if character.is_control() {
+                '?'
+            } else {
+                character
+            }
+        })
         .collect()
 }
 

@@ -48,8 +48,8 @@ pub async fn open(
     let (nonce_bytes, plaintext) = sealed.split_at(32);
     let nonce = DetailNonce::from_bytes(nonce_bytes.try_into().map_err(|_| damaged())?);
     let commitment = DetailCommitment::from_base64(&detail.commitment).map_err(|_| damaged())?;
-    commitment
-        .check(&nonce, plaintext)
-        .map_err(|_| JournalError::Damaged("sealed audit detail does not match its commitment".to_owned()))?;
+    commitment.check(&nonce, plaintext).map_err(|_| {
+        JournalError::Damaged("sealed audit detail does not match its commitment".to_owned())
+    })?;
     Ok(Some((nonce, plaintext.to_vec())))
 }

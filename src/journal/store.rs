@@ -188,11 +188,10 @@ pub async fn latest_checkpoint(
 pub async fn all_checkpoints(
     connection: &mut AnyConnection,
 ) -> Result<Vec<StoredCheckpoint>, JournalError> {
-    let rows = sqlx::query(
-        "SELECT tree_size, note, created_at FROM audit_checkpoints ORDER BY tree_size",
-    )
-    .fetch_all(&mut *connection)
-    .await?;
+    let rows =
+        sqlx::query("SELECT tree_size, note, created_at FROM audit_checkpoints ORDER BY tree_size")
+            .fetch_all(&mut *connection)
+            .await?;
     rows.iter().map(stored_checkpoint).collect()
 }
 
@@ -206,5 +205,6 @@ fn stored_checkpoint(row: &sqlx::any::AnyRow) -> Result<StoredCheckpoint, Journa
 }
 
 fn hash_from_slice(bytes: &[u8]) -> Result<Hash, JournalError> {
-    Hash::try_from(bytes).map_err(|_| JournalError::Damaged("stored hash is not 32 bytes".to_owned()))
+    Hash::try_from(bytes)
+        .map_err(|_| JournalError::Damaged("stored hash is not 32 bytes".to_owned()))
 }

@@ -45,14 +45,15 @@ fn unauthenticated() -> Response {
         "a valid bearer access token is required".to_owned(),
     )
     .into_response();
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
     response
 }
 
-fn bad_request(detail: &str) -> Response {
-    Problem::new(StatusCode::BAD_REQUEST, "Bad Request", detail.to_owned()).into_response()
+fn bad_request(detail: &str) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "Bad Request", detail.to_owned())
 }
 
 fn internal(error: &dyn std::fmt::Display) -> Response {
@@ -73,7 +74,12 @@ async fn compliance_officer(
     let Ok(Caller(principal)) = caller else {
         return Err(unauthenticated());
     };
-    match state.appliance.records.authorize_audit_access(&principal).await {
+    match state
+        .appliance
+        .records
+        .authorize_audit_access(&principal)
+        .await
+    {
         Ok(access) => Ok(access),
         Err(RecordError::Denied(_)) => Err(Problem::new(
             StatusCode::FORBIDDEN,
@@ -89,15 +95,18 @@ async fn compliance_officer(
 fn filter_from(
     state: &AppState,
     parameters: &HashMap<String, String>,
-) -> Result<AuditFilter, Response> {
+) -> Result<AuditFilter, Problem> {
     const KNOWN: &[&str] = &[
         "patient", "agent", "user", "since", "until", "from", "to", "type", "outcome", "after",
         "limit", "format", "all",
     ];
-    if let Some(unknown) = parameters.keys().find(|name| !KNOWN.contains(&name.as_str())) {
+    if let Some(unknown) = parameters
+        .keys()
+        .find(|name| !KNOWN.contains(&name.as_str()))
+    {
         return Err(bad_request(&format!("unknown parameter {unknown:?}")));
     }
-    let time = |names: [&str; 2]| -> Result<Option<i64>, Response> {
+    let time = |names: [&str; 2]| -> Result<Option<i64>, Problem> {
         let Some(text) = names.iter().find_map(|name| parameters.get(*name)) else {
             return Ok(None);
         };
@@ -148,22 +157,27 @@ async fn query_entries(
     };
     let filter = match filter_from(&state, &parameters) {
         Ok(filter) => filter,
-        Err(response) => return response,
+        Err(problem) => return problem.into_response(),
     };
     let after = match parameters.get("after").map(|text| text.parse::<u64>()) {
         None => None,
         Some(Ok(index)) => Some(index),
-        Some(Err(_)) => return bad_request("after must be an entry index"),
+        Some(Err(_)) => return bad_request("after must be an entry index").into_response(),
     };
     let limit = match parameters.get("limit").map(|text| text.parse::<u32>()) {
         None => DEFAULT_PAGE,
         Some(Ok(limit)) if (1..=MAX_PAGE).contains(&limit) => limit,
-        Some(_) => return bad_request("limit must be between 1 and 1000"),
+        Some(_) => return bad_request("limit must be between 1 and 1000").into_response(),
     };
     if let Err(error) = state
         .appliance
         .records
-        .journal_audit_log_used(&access, "query", &query_text(&parameters), filter.patient_ref.as_deref())
+        .journal_audit_log_used(
+            &access,
+            "query",
+            &query_text(&parameters),
+            filter.patient_ref.as_deref(),
+        )
         .await
     {
         return internal(&error);
@@ -180,7 +194,10 @@ async fn query_entries(
     let mut entries = Vec::with_capacity(leaves.len());
     for leaf in &leaves {
         let event = AuditEvent::from_leaf_bytes(&leaf.bytes).ok();
-        let detail = match event.as_ref().and_then(|event| event.sealed_detail.as_ref()) {
+        let detail = match event
+            .as_ref()
+            .and_then(|event| event.sealed_detail.as_ref())
+        {
             Some(sealed) => sealing::open(vault, sealed)
                 .await
                 .ok()
@@ -203,7 +220,10 @@ async fn query_entries(
 
 fn next_link(parameters: &HashMap<String, String>, last_index: u64) -> String {
     let mut next = url::form_urlencoded::Serializer::new(String::new());
-    let mut pairs: Vec<_> = parameters.iter().filter(|(name, _)| *name != "after").collect();
+    let mut pairs: Vec<_> = parameters
+        .iter()
+        .filter(|(name, _)| *name != "after")
+        .collect();
     pairs.sort();
     for (name, value) in pairs {
         next.append_pair(name, value);
@@ -222,20 +242,27 @@ async fn disclosures_of_patient(
         Err(response) => return response,
     };
     let Some(patient) = parameters.get("patient") else {
-        return bad_request("patient is required");
+        return bad_request("patient is required").into_response();
     };
     let include_tpo = parameters.get("all").is_some_and(|value| value == "true");
     let patient_ref = state.appliance.vault.patient_ref(Some(patient));
     if let Err(error) = state
         .appliance
         .records
-        .journal_audit_log_used(&access, "disclosures", &query_text(&parameters), Some(&patient_ref))
+        .journal_audit_log_used(
+            &access,
+            "disclosures",
+            &query_text(&parameters),
+            Some(&patient_ref),
+        )
         .await
     {
         return internal(&error);
     }
     let result = match state.appliance.database.pool().acquire().await {
-        Ok(mut connection) => disclosures::account(&mut connection, &patient_ref, include_tpo).await,
+        Ok(mut connection) => {
+            disclosures::account(&mut connection, &patient_ref, include_tpo).await
+        }
         Err(error) => return internal(&error),
     };
     match result {
@@ -255,16 +282,21 @@ async fn export(
     };
     let filter = match filter_from(&state, &parameters) {
         Ok(filter) => filter,
-        Err(response) => return response,
+        Err(problem) => return problem.into_response(),
     };
     let format = parameters.get("format").map_or("json", String::as_str);
     if !matches!(format, "json" | "fhir" | "csv") {
-        return bad_request("format must be json, fhir or csv");
+        return bad_request("format must be json, fhir or csv").into_response();
     }
     if let Err(error) = state
         .appliance
         .records
-        .journal_audit_log_used(&access, "export", &query_text(&parameters), filter.patient_ref.as_deref())
+        .journal_audit_log_used(
+            &access,
+            "export",
+            &query_text(&parameters),
+            filter.patient_ref.as_deref(),
+        )
         .await
     {
         return internal(&error);

@@ -15,7 +15,9 @@ use glastonbury::journal::fsck::{self, FsckFailure};
 use glastonbury::journal::query::AuditFilter;
 use glastonbury::journal::store;
 use glastonbury::records::RecordBody;
-use glastonbury_audit::{AuditEvent, Checkpoint, CompactRange, NoteSigner, leaf_hash, verify_export};
+use glastonbury_audit::{
+    AuditEvent, Checkpoint, CompactRange, NoteSigner, leaf_hash, verify_export,
+};
 
 use crate::common::{EngineUnderTest, TestAppliance, clinician};
 
@@ -108,7 +110,12 @@ async fn set_leaf(appliance: &Appliance, index: i64, leaf: Vec<u8>) {
 async fn signed_journal(test: &TestAppliance) -> Appliance {
     let appliance = test.open().await;
     write_events(&appliance, 20).await;
-    let checkpoint = appliance.checkpoints.sign_if_grown().await.unwrap().unwrap();
+    let checkpoint = appliance
+        .checkpoints
+        .sign_if_grown()
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(checkpoint.tree_size, 30);
     appliance
 }
@@ -157,12 +164,16 @@ async fn tree_equals_serial_rebuild(engine: EngineUnderTest) {
     assert_eq!(summary.leaves, 600);
     assert!(summary.checkpoints_checked >= 2);
     let mut connection = appliance.database.pool().acquire().await.unwrap();
-    let leaves = store::leaves_between(&mut connection, 0, 600).await.unwrap();
+    let leaves = store::leaves_between(&mut connection, 0, 600)
+        .await
+        .unwrap();
     let mut serial = CompactRange::new();
     let mut completed = Vec::new();
     for leaf in &leaves {
         AuditEvent::from_leaf_bytes(&leaf.bytes).expect("every leaf is a canonical audit event");
-        serial.append(leaf_hash(&leaf.bytes), &mut completed).unwrap();
+        serial
+            .append(leaf_hash(&leaf.bytes), &mut completed)
+            .unwrap();
     }
     let stored = store::read_head(&mut connection).await.unwrap();
     assert_eq!(serial.root(), stored.root());
@@ -216,12 +227,36 @@ async fn a_truncated_log_is_named(engine: EngineUnderTest) {
     };
     let appliance = signed_journal(&test).await;
     // A careful attacker cuts the leaves, the nodes they completed and rewinds the head.
-    execute(&appliance, "DELETE FROM audit_leaves WHERE leaf_index >= 24").await;
-    execute(&appliance, "DELETE FROM audit_nodes WHERE level = 0 AND node_index >= 24").await;
-    execute(&appliance, "DELETE FROM audit_nodes WHERE level = 1 AND node_index >= 12").await;
-    execute(&appliance, "DELETE FROM audit_nodes WHERE level = 2 AND node_index >= 6").await;
-    execute(&appliance, "DELETE FROM audit_nodes WHERE level = 3 AND node_index >= 3").await;
-    execute(&appliance, "DELETE FROM audit_nodes WHERE level = 4 AND node_index >= 1").await;
+    execute(
+        &appliance,
+        "DELETE FROM audit_leaves WHERE leaf_index >= 24",
+    )
+    .await;
+    execute(
+        &appliance,
+        "DELETE FROM audit_nodes WHERE level = 0 AND node_index >= 24",
+    )
+    .await;
+    execute(
+        &appliance,
+        "DELETE FROM audit_nodes WHERE level = 1 AND node_index >= 12",
+    )
+    .await;
+    execute(
+        &appliance,
+        "DELETE FROM audit_nodes WHERE level = 2 AND node_index >= 6",
+    )
+    .await;
+    execute(
+        &appliance,
+        "DELETE FROM audit_nodes WHERE level = 3 AND node_index >= 3",
+    )
+    .await;
+    execute(
+        &appliance,
+        "DELETE FROM audit_nodes WHERE level = 4 AND node_index >= 1",
+    )
+    .await;
     sqlx::query("UPDATE journal_head SET tree_size = 24, frontier = $1")
         .bind(Vec::<u8>::new())
         .execute(appliance.database.pool())
@@ -243,7 +278,12 @@ async fn a_swapped_checkpoint_is_caught(engine: EngineUnderTest) {
     };
     let appliance = signed_journal(&test).await;
     write_events(&appliance, 2).await;
-    appliance.checkpoints.sign_if_grown().await.unwrap().unwrap();
+    appliance
+        .checkpoints
+        .sign_if_grown()
+        .await
+        .unwrap()
+        .unwrap();
     // Swap the two stored notes between their rows.
     let checkpoints = {
         let mut connection = appliance.database.pool().acquire().await.unwrap();
@@ -259,9 +299,13 @@ async fn a_swapped_checkpoint_is_caught(engine: EngineUnderTest) {
             .unwrap();
     }
     let failure = fsck_of(&appliance).await.unwrap_err().to_string();
-    assert!(failure.contains("checkpoint stored under size 30"), "{failure}");
+    assert!(
+        failure.contains("checkpoint stored under size 30"),
+        "{failure}"
+    );
     // A checkpoint of a forged tree signed by a key the appliance never had.
-    let forger = NoteSigner::generate(appliance.checkpoints.keys().await.unwrap().origin()).unwrap();
+    let forger =
+        NoteSigner::generate(appliance.checkpoints.keys().await.unwrap().origin()).unwrap();
     let forged = Checkpoint {
         origin: forger.name().to_owned(),
         size: 30,
@@ -277,7 +321,9 @@ async fn a_swapped_checkpoint_is_caught(engine: EngineUnderTest) {
             .await
             .unwrap();
     }
-    fsck_of(&appliance).await.expect("restored checkpoints are clean");
+    fsck_of(&appliance)
+        .await
+        .expect("restored checkpoints are clean");
     sqlx::query("UPDATE audit_checkpoints SET note = $1 WHERE tree_size = 30")
         .bind(&forged)
         .execute(appliance.database.pool())
@@ -327,7 +373,10 @@ async fn a_rewritten_tree_is_refused(engine: EngineUnderTest) {
     let failure = fsck_of(&appliance).await.unwrap_err().to_string();
     assert!(failure.contains("root differs"), "{failure}");
     let export_failure = export_all(&appliance).await.unwrap_err().to_string();
-    assert!(export_failure.contains("history was rewritten"), "{export_failure}");
+    assert!(
+        export_failure.contains("history was rewritten"),
+        "{export_failure}"
+    );
     // Nor does the signer certify the rewritten tree once it grows.
     write_events(&appliance, 1).await;
     assert!(appliance.checkpoints.sign_if_grown().await.is_err());
@@ -442,7 +491,10 @@ async fn audit_reads_are_compliance_only_and_journaled(engine: EngineUnderTest) 
     // After the patient is shredded the leaf still verifies but the text is gone.
     appliance
         .records
-        .shred_patient(&Arc::new(Principal::local_administrator("HOPERAT")), "patient-0")
+        .shred_patient(
+            &Arc::new(Principal::local_administrator("HOPERAT")),
+            "patient-0",
+        )
         .await
         .unwrap();
     let after = export_all(&appliance).await.unwrap();
@@ -452,7 +504,9 @@ async fn audit_reads_are_compliance_only_and_journaled(engine: EngineUnderTest) 
 
 fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap()
 }
 
 fn base64_encode(bytes: &[u8]) -> String {

@@ -112,7 +112,10 @@ fn compliance_officers_query_export_and_verify_offline() {
                 "subject": {"reference": format!("Patient/{patient}")}}),
     );
     let research_read = client
-        .get(format!("{}/fhir/Observation/{observation}", server.base_url))
+        .get(format!(
+            "{}/fhir/Observation/{observation}",
+            server.base_url
+        ))
         .bearer_auth(&clinician)
         .header("x-purpose-of-use", "HRESCH")
         .send()
@@ -130,7 +133,10 @@ fn compliance_officers_query_export_and_verify_offline() {
         refused.headers()["content-type"].to_str().unwrap(),
         "application/problem+json"
     );
-    let anonymous = client.get(format!("{}/audit", server.base_url)).send().unwrap();
+    let anonymous = client
+        .get(format!("{}/audit", server.base_url))
+        .send()
+        .unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
 
     let (status, _, page) = officer.get(&format!("/audit?patient={patient}"));
@@ -155,7 +161,9 @@ fn compliance_officers_query_export_and_verify_offline() {
     assert_eq!(denials["entries"].as_array().unwrap().len(), 1);
     assert_eq!(denials["entries"][0]["event"]["outcome"], 4);
     let (_, _, first_page) = officer.get("/audit?limit=2");
-    let next = first_page["next"].as_str().expect("a next link while more remain");
+    let next = first_page["next"]
+        .as_str()
+        .expect("a next link while more remain");
     let (_, _, second_page) = officer.get(next);
     assert_eq!(
         second_page["entries"][0]["index"].as_u64().unwrap(),
@@ -174,17 +182,33 @@ fn compliance_officers_query_export_and_verify_offline() {
 
     let (_, _, disclosures) = officer.get(&format!("/audit/disclosures?patient={patient}"));
     let listed = disclosures["disclosures"].as_array().unwrap();
-    assert_eq!(listed.len(), 1, "only the research read needs accounting: {disclosures}");
+    assert_eq!(
+        listed.len(),
+        1,
+        "only the research read needs accounting: {disclosures}"
+    );
     assert_eq!(listed[0]["purpose"], "HRESCH");
-    assert!(listed[0]["description"].as_str().unwrap().starts_with("read Observation/"));
+    assert!(
+        listed[0]["description"]
+            .as_str()
+            .unwrap()
+            .starts_with("read Observation/")
+    );
 
     let (status, content_type, checkpoint) = officer.get("/audit/checkpoint");
     assert_eq!(status, 200);
     assert!(content_type.starts_with("text/plain"));
-    assert!(checkpoint.as_str().unwrap().contains("/glastonbury-audit\n"));
+    assert!(
+        checkpoint
+            .as_str()
+            .unwrap()
+            .contains("/glastonbury-audit\n")
+    );
 
     // Exports and offline verification.
-    let key = succeeded(&server.command(&["audit", "public-key"])).trim().to_owned();
+    let key = succeeded(&server.command(&["audit", "public-key"]))
+        .trim()
+        .to_owned();
     let (_, _, published) = officer.get("/audit/public-key");
     assert_eq!(published["current"], key.as_str());
     let first = workspace.path().join("first.json");
@@ -223,7 +247,10 @@ fn compliance_officers_query_export_and_verify_offline() {
             first.to_str().unwrap(),
         ],
     ));
-    assert!(chained.contains("consistent with the previous export"), "{chained}");
+    assert!(
+        chained.contains("consistent with the previous export"),
+        "{chained}"
+    );
 
     let mut export: Value = serde_json::from_slice(&std::fs::read(&second).unwrap()).unwrap();
     let victim = export["entries"][3]["index"].as_u64().unwrap();
@@ -248,7 +275,13 @@ fn compliance_officers_query_export_and_verify_offline() {
 
     let bundle_path = workspace.path().join("bundle.json");
     succeeded(&server.command(&[
-        "audit", "export", "--format", "fhir", "--patient", &patient, "--out",
+        "audit",
+        "export",
+        "--format",
+        "fhir",
+        "--patient",
+        &patient,
+        "--out",
         bundle_path.to_str().unwrap(),
     ]));
     let bundle: Value = serde_json::from_slice(&std::fs::read(&bundle_path).unwrap()).unwrap();
@@ -263,7 +296,12 @@ fn compliance_officers_query_export_and_verify_offline() {
     );
     let csv_path = workspace.path().join("audit.csv");
     succeeded(&server.command(&[
-        "audit", "export", "--format", "csv", "--out", csv_path.to_str().unwrap(),
+        "audit",
+        "export",
+        "--format",
+        "csv",
+        "--out",
+        csv_path.to_str().unwrap(),
     ]));
     let csv = std::fs::read_to_string(&csv_path).unwrap();
     assert!(csv.starts_with("index,recorded,event_type,"));
@@ -276,7 +314,9 @@ fn compliance_officers_query_export_and_verify_offline() {
     succeeded(&server.command(&["audit", "rotate-key"]));
     let keys = succeeded(&server.command(&["audit", "public-key", "--all"]));
     assert_eq!(keys.lines().count(), 2);
-    let new_key = succeeded(&server.command(&["audit", "public-key"])).trim().to_owned();
+    let new_key = succeeded(&server.command(&["audit", "public-key"]))
+        .trim()
+        .to_owned();
     assert_ne!(new_key, key);
     let third = workspace.path().join("third.json");
     succeeded(&server.command(&[
