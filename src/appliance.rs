@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
-use crate::access::{Role, Scope};
+use crate::access::{Authorizer, PolicyError, PolicyStore, Role, Scope};
 use crate::auth::{Clients, NewClient, TokenIssuer};
 use crate::config::Settings;
 use crate::journal::{CheckpointService, JournalError, JournalIdentity};
@@ -30,6 +30,8 @@ pub enum StartError {
     Blob(#[from] BlobError),
     #[error(transparent)]
     Journal(#[from] JournalError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 /// The first administrator client, created on first start; its secret is shown once.
@@ -57,11 +59,13 @@ pub struct Appliance {
     pub clients: Clients,
     pub tokens: Arc<TokenIssuer>,
     pub checkpoints: Arc<CheckpointService>,
+    pub policies: Arc<PolicyStore>,
 }
 
 impl Appliance {
     /// Opens the appliance, initializing an empty data dir.
     pub async fn open(settings: Settings) -> Result<(Self, Initialization), StartError> {
+        let policies = Arc::new(PolicyStore::load(settings.policies_dir.as_deref())?);
         ensure_data_dir(&settings.data_dir)?;
         let database = Database::connect(&settings.database_url).await?;
         database.migrate().await?;
@@ -93,6 +97,7 @@ impl Appliance {
             blobs.clone(),
             Arc::clone(&vault),
             identity,
+            Authorizer::new(Arc::clone(&policies)),
         ));
         let checkpoints = Arc::new(
             CheckpointService::open(database.clone(), Arc::clone(&vault), &settings.appliance_id)
@@ -109,6 +114,7 @@ impl Appliance {
             clients,
             tokens,
             checkpoints,
+            policies,
         };
         Ok((
             appliance,

@@ -151,6 +151,7 @@ fn bench_principal() -> Arc<Principal> {
         network_address: None,
         purpose_of_use: Some("TREAT".to_owned()),
         request_id: None,
+        break_glass_reason: None,
     })
 }
 

@@ -66,6 +66,8 @@ struct SettingsFile {
     max_body_bytes: Option<usize>,
     request_timeout_seconds: Option<u64>,
     token_lifetime_seconds: Option<u64>,
+    rate_limit_per_second: Option<u32>,
+    policies_dir: Option<PathBuf>,
 }
 
 /// Every setting a key can have, in file order; the environment name is `GLASTONBURY_` + upper case.
@@ -86,6 +88,8 @@ const SETTING_KEYS: &[&str] = &[
     "max_body_bytes",
     "request_timeout_seconds",
     "token_lifetime_seconds",
+    "rate_limit_per_second",
+    "policies_dir",
 ];
 
 /// Settings that are secrets: also read from `<ENV>_FILE` or `$CREDENTIALS_DIRECTORY/<key>`.
@@ -116,6 +120,10 @@ pub struct Settings {
     pub max_body_bytes: usize,
     pub request_timeout_seconds: u64,
     pub token_lifetime_seconds: u64,
+    /// Requests per second allowed per client and per source address (bursts of twice that).
+    pub rate_limit_per_second: u32,
+    /// Folder of Cedar policies (`*.cedar` + `schema.cedarschema`); `None`: the built-in set.
+    pub policies_dir: Option<PathBuf>,
     /// Where the settings came from, for `--print-config`.
     pub config_file: Option<PathBuf>,
 }
@@ -270,6 +278,17 @@ impl Settings {
                 file.token_lifetime_seconds,
                 300,
             )?,
+            rate_limit_per_second: parse_number(
+                "rate_limit_per_second",
+                overlay("rate_limit_per_second", None)?,
+                file.rate_limit_per_second,
+                1000,
+            )?,
+            policies_dir: overlay(
+                "policies_dir",
+                file.policies_dir.map(|path| path.display().to_string()),
+            )?
+            .map(PathBuf::from),
             mqtt_url: overlay("mqtt_url", file.mqtt_url)?,
             oidc_issuer: overlay("oidc_issuer", file.oidc_issuer)?,
             data_dir,
@@ -307,6 +326,9 @@ impl Settings {
         if let Some(issuer) = &self.oidc_issuer {
             push("oidc_issuer", quote(issuer));
         }
+        if let Some(folder) = &self.policies_dir {
+            push("policies_dir", quote(&folder.display().to_string()));
+        }
         if let Some(tls) = &self.tls {
             push(
                 "tls_cert",
@@ -336,6 +358,10 @@ impl Settings {
         push(
             "token_lifetime_seconds",
             self.token_lifetime_seconds.to_string(),
+        );
+        push(
+            "rate_limit_per_second",
+            self.rate_limit_per_second.to_string(),
         );
         lines.join("\n") + "\n"
     }

@@ -106,9 +106,13 @@ enum ClientsCommand {
         /// A SMART scope the client may be granted (repeatable), e.g. system/Observation.cruds.
         #[arg(long = "scope")]
         scopes: Vec<String>,
-        /// Authenticate with a generated client secret (the default, and the only method so far).
+        /// Authenticate with a generated client secret (the default).
         #[arg(long)]
         secret: bool,
+        /// Authenticate with private_key_jwt (SMART Backend Services): a JWKS file of the
+        /// client's public keys (RSA ≥ 2048 bits for RS384, EC P-384 for ES384, each with a kid).
+        #[arg(long, conflicts_with = "secret", value_name = "FILE")]
+        jwks: Option<PathBuf>,
     },
 }
 
@@ -262,16 +266,33 @@ async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> any
         role,
         scopes,
         secret: _,
+        jwks,
     } = command;
     let role: Role = role.parse().map_err(anyhow::Error::msg)?;
     let scopes = scopes
         .iter()
         .map(|text| text.parse::<Scope>())
         .collect::<Result<Vec<_>, _>>()?;
+    let new_client = NewClient { name, role, scopes };
+    if let Some(path) = jwks {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        glastonbury::auth::assertions::validate_client_jwks(&text)
+            .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?;
+        let (appliance, _) = open(settings).await?;
+        let client_id = appliance.clients.create_with_jwks(&new_client, &text).await?;
+        if json {
+            println!("{}", serde_json::json!({"client_id": client_id}));
+        } else {
+            println!("client_id: {client_id} (authenticates with private_key_jwt)");
+        }
+        appliance.close().await;
+        return Ok(());
+    }
     let (appliance, _) = open(settings).await?;
     let (client_id, client_secret) = appliance
         .clients
-        .create_with_secret(&NewClient { name, role, scopes })
+        .create_with_secret(&new_client)
         .await?;
     if json {
         println!(

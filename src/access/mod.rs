@@ -2,11 +2,13 @@
 //! ([`Allowed`]) that proves a decision was made. Record operations take an `Allowed<A>`, which
 //! only [`Authorizer::decide`] can mint, so a forgotten check does not compile.
 
+pub mod policy;
 pub mod scopes;
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 
+pub use policy::{PolicyError, PolicyStore};
 pub use scopes::{Scope, ScopeContext, ScopeParseError};
 
 /// The roles of the appliance (see `policies/` for what each may do).
@@ -61,6 +63,8 @@ pub struct Principal {
     /// HL7 purpose of use (TREAT, ETREAT, HOPERAT, HRESCH), when stated.
     pub purpose_of_use: Option<String>,
     pub request_id: Option<String>,
+    /// The reason a clinician stated to invoke emergency access (break-glass), if any.
+    pub break_glass_reason: Option<String>,
 }
 
 impl Principal {
@@ -79,6 +83,7 @@ impl Principal {
             network_address: None,
             purpose_of_use: Some(purpose.to_owned()),
             request_id: None,
+            break_glass_reason: None,
         }
     }
 }
@@ -114,6 +119,7 @@ pub struct Allowed<A: Action> {
     principal: Arc<Principal>,
     resource_type: String,
     decided_by: Vec<String>,
+    break_glass: bool,
     action: PhantomData<A>,
 }
 
@@ -129,6 +135,11 @@ impl<A: Action> Allowed<A> {
     /// The policy ids that allowed this access, for the audit leaf.
     pub fn decided_by(&self) -> &[String] {
         &self.decided_by
+    }
+
+    /// Whether only emergency access (break-glass) allowed this.
+    pub fn break_glass(&self) -> bool {
+        self.break_glass
     }
 }
 
@@ -158,78 +169,100 @@ pub struct Denied {
     pub decided_by: Vec<String>,
 }
 
-/// Decides access. Deny by default: only what a rule below allows is allowed.
-#[derive(Debug, Clone, Default)]
-pub struct Authorizer;
+/// Decides access with the Cedar policy set in force. Deny by default: only what a policy
+/// permits (and none forbids) is allowed.
+#[derive(Debug, Clone)]
+pub struct Authorizer {
+    policies: Arc<PolicyStore>,
+}
 
 impl Authorizer {
-    /// Decides whether `principal` may do `A` on `resource_type`.
+    pub fn new(policies: Arc<PolicyStore>) -> Self {
+        Self { policies }
+    }
+
+    /// An authorizer over the policies that ship with the appliance.
+    pub fn with_default_policies() -> Result<Self, PolicyError> {
+        Ok(Self::new(Arc::new(PolicyStore::load(None)?)))
+    }
+
+    /// Decides whether `principal` may do `A` on `resource_type`. A clinician who stated a
+    /// break-glass reason is asked again as an emergency when the normal decision is a denial.
     pub fn decide<A: Action>(
         &self,
         principal: &Arc<Principal>,
         resource_type: &str,
     ) -> Result<Allowed<A>, Denied> {
-        let policy = role_policy(principal.role, A::SCOPE_LETTER, resource_type);
-        let Some(policy) = policy else {
-            return Err(Denied {
-                reason: format!(
-                    "role {} may not {} {}",
-                    principal.role.as_str(),
-                    A::NAME,
-                    resource_type
-                ),
-                decided_by: vec![format!("role-{}-default-deny", principal.role.as_str())],
-            });
-        };
-        let scope_grants = principal
+        let scopes_permit = principal
             .scopes
             .iter()
             .any(|scope| scope.permits(resource_type, A::SCOPE_LETTER));
-        if !scope_grants {
-            return Err(Denied {
-                reason: format!("no granted scope permits {} on {}", A::NAME, resource_type),
-                decided_by: vec!["smart-scopes".to_owned()],
-            });
-        }
-        Ok(Allowed {
+        let mut question = policy::PolicyQuestion {
+            principal,
+            action: A::NAME,
+            resource_type: Some(resource_type),
+            scopes_permit,
+            break_glass: false,
+        };
+        let answer = self.policies.decide(&question);
+        let allowed = |decided_by: Vec<String>, break_glass: bool| Allowed {
             principal: Arc::clone(principal),
             resource_type: resource_type.to_owned(),
-            decided_by: vec![policy.to_owned(), "smart-scopes".to_owned()],
+            decided_by,
+            break_glass,
             action: PhantomData,
+        };
+        if answer.allowed {
+            return Ok(allowed(answer.decided_by, false));
+        }
+        if principal.break_glass_reason.is_some() {
+            question.break_glass = true;
+            let emergency = self.policies.decide(&question);
+            if emergency.allowed {
+                return Ok(allowed(emergency.decided_by, true));
+            }
+        }
+        let reason = if scopes_permit {
+            format!(
+                "role {} may not {} {}",
+                principal.role.as_str(),
+                A::NAME,
+                resource_type
+            )
+        } else {
+            format!("no granted scope permits {} on {}", A::NAME, resource_type)
+        };
+        Err(Denied {
+            reason,
+            decided_by: answer.decided_by,
         })
     }
-}
 
-impl Authorizer {
-    /// Decides whether `principal` may read the audit journal: the compliance role only.
+    /// Decides whether `principal` may read the audit journal (compliance officers only).
     pub fn decide_audit_access(
         &self,
         principal: &Arc<Principal>,
     ) -> Result<AuditJournalAccess, Denied> {
-        if principal.role != Role::Compliance {
+        let answer = self.policies.decide(&policy::PolicyQuestion {
+            principal,
+            action: "readAudit",
+            resource_type: None,
+            scopes_permit: false,
+            break_glass: false,
+        });
+        if !answer.allowed {
             return Err(Denied {
                 reason: format!(
                     "role {} may not read the audit journal",
                     principal.role.as_str()
                 ),
-                decided_by: vec!["audit-journal-compliance-only".to_owned()],
+                decided_by: answer.decided_by,
             });
         }
         Ok(AuditJournalAccess {
             principal: Arc::clone(principal),
-            decided_by: vec!["audit-journal-compliance-only".to_owned()],
+            decided_by: answer.decided_by,
         })
-    }
-}
-
-/// The role rules of the spine; `policies/` will hold them as Cedar.
-fn role_policy(role: Role, action: char, resource_type: &str) -> Option<&'static str> {
-    match role {
-        Role::Clinician => Some("clinician-phi-within-scope"),
-        Role::Device if action == 'c' && matches!(resource_type, "Observation" | "Device") => {
-            Some("device-writes-own-observations")
-        }
-        Role::Device | Role::Researcher | Role::Compliance | Role::Admin => None,
     }
 }
 
@@ -249,12 +282,13 @@ mod tests {
             network_address: None,
             purpose_of_use: None,
             request_id: None,
+            break_glass_reason: None,
         })
     }
 
     #[test]
     fn clinician_needs_a_matching_scope() {
-        let authorizer = Authorizer;
+        let authorizer = Authorizer::with_default_policies().unwrap();
         assert!(
             authorizer
                 .decide::<Read>(&principal(Role::Clinician, "system/Patient.r"), "Patient")
@@ -277,7 +311,7 @@ mod tests {
 
     #[test]
     fn admin_and_compliance_get_no_clinical_data() {
-        let authorizer = Authorizer;
+        let authorizer = Authorizer::with_default_policies().unwrap();
         assert!(
             authorizer
                 .decide::<Read>(&principal(Role::Admin, "system/*.cruds"), "Patient")
@@ -292,7 +326,7 @@ mod tests {
 
     #[test]
     fn only_compliance_reads_the_audit_journal() {
-        let authorizer = Authorizer;
+        let authorizer = Authorizer::with_default_policies().unwrap();
         assert!(
             authorizer
                 .decide_audit_access(&principal(Role::Compliance, ""))
@@ -308,8 +342,63 @@ mod tests {
     }
 
     #[test]
+    fn break_glass_lets_a_clinician_read_beyond_scope_but_not_write() {
+        let authorizer = Authorizer::with_default_policies().unwrap();
+        let mut clinician = (*principal(Role::Clinician, "system/Patient.r")).clone();
+        assert!(
+            authorizer
+                .decide::<Read>(&Arc::new(clinician.clone()), "Observation")
+                .is_err()
+        );
+        clinician.break_glass_reason = Some("unconscious patient in the ED".to_owned());
+        let emergency = Arc::new(clinician);
+        let allowed = authorizer
+            .decide::<Read>(&emergency, "Observation")
+            .unwrap();
+        assert!(allowed.break_glass());
+        assert_eq!(allowed.decided_by(), ["clinician-break-glass"]);
+        assert!(authorizer.decide::<Update>(&emergency, "Observation").is_err());
+        let ordinary = authorizer.decide::<Read>(&emergency, "Patient").unwrap();
+        assert!(!ordinary.break_glass(), "no emergency is recorded when none was needed");
+        let other_role = Arc::new(Principal {
+            role: Role::Admin,
+            ..(*emergency).clone()
+        });
+        assert!(authorizer.decide::<Read>(&other_role, "Observation").is_err());
+    }
+
+    #[test]
+    fn purpose_of_use_is_part_of_the_decision() {
+        let authorizer = Authorizer::with_default_policies().unwrap();
+        let mut clinician = (*principal(Role::Clinician, "system/*.cruds")).clone();
+        for (purpose, allowed) in [("TREAT", true), ("HOPERAT", true), ("HRESCH", false)] {
+            clinician.purpose_of_use = Some(purpose.to_owned());
+            assert_eq!(
+                authorizer
+                    .decide::<Read>(&Arc::new(clinician.clone()), "Patient")
+                    .is_ok(),
+                allowed,
+                "{purpose}"
+            );
+        }
+    }
+
+    #[test]
+    fn denials_name_the_deciding_policy() {
+        let authorizer = Authorizer::with_default_policies().unwrap();
+        let denied = authorizer
+            .decide::<Read>(&principal(Role::Admin, "system/*.cruds"), "Patient")
+            .unwrap_err();
+        assert_eq!(denied.decided_by, [policy::DEFAULT_DENY]);
+        let allowed = authorizer
+            .decide::<Read>(&principal(Role::Clinician, "system/*.cruds"), "Patient")
+            .unwrap();
+        assert_eq!(allowed.decided_by(), ["clinician-phi-within-scope"]);
+    }
+
+    #[test]
     fn device_only_creates_observations() {
-        let authorizer = Authorizer;
+        let authorizer = Authorizer::with_default_policies().unwrap();
         let device = principal(Role::Device, "system/Observation.c system/Patient.r");
         assert!(authorizer.decide::<Create>(&device, "Observation").is_ok());
         assert!(authorizer.decide::<Read>(&device, "Patient").is_err());

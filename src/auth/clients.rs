@@ -73,6 +73,61 @@ impl Clients {
     }
 
     /// Whether any client with this role exists (first start creates the first admin).
+    /// Registers a client that authenticates with `private_key_jwt` against `jwks` (public keys
+    /// only; validated by [`super::assertions::validate_client_jwks`] first).
+    pub async fn create_with_jwks(
+        &self,
+        client: &NewClient,
+        jwks: &str,
+    ) -> Result<String, StorageError> {
+        let client_id = uuid::Uuid::new_v4().to_string();
+        let scopes: Vec<&str> = client
+            .scopes
+            .iter()
+            .map(|scope| scope.text.as_str())
+            .collect();
+        sqlx::query(
+            "INSERT INTO clients (client_id, name, role, scopes, jwks, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&client_id)
+        .bind(&client.name)
+        .bind(client.role.as_str())
+        .bind(scopes.join(" "))
+        .bind(jwks)
+        .bind(now_micros())
+        .execute(self.database.pool())
+        .await?;
+        Ok(client_id)
+    }
+
+    /// The registration of an enabled client, once it has authenticated by other means.
+    pub async fn registration(
+        &self,
+        client_id: &str,
+    ) -> Result<Option<ClientRegistration>, StorageError> {
+        let row = sqlx::query(
+            "SELECT name, role, scopes FROM clients WHERE client_id = $1 AND disabled_at IS NULL",
+        )
+        .bind(client_id)
+        .fetch_optional(self.database.pool())
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let role_text: String = row.try_get(1)?;
+        let scopes_text: String = row.try_get(2)?;
+        let Ok(role) = role_text.parse() else {
+            return Ok(None);
+        };
+        Ok(Some(ClientRegistration {
+            client_id: client_id.to_owned(),
+            name: row.try_get(0)?,
+            role,
+            scopes: scopes_text
+                .split_whitespace()
+                .filter_map(|text| text.parse().ok())
+                .collect(),
+        }))
+    }
+
     pub async fn any_with_role(&self, role: Role) -> Result<bool, StorageError> {
         let row = sqlx::query("SELECT COUNT(*) FROM clients WHERE role = $1")
             .bind(role.as_str())

@@ -1,6 +1,7 @@
 //! Authentication: registered API clients (secrets stored hashed) and the appliance's own
 //! short-lived JWT access tokens (EdDSA), issued at `/auth/token` and checked on every request.
 
+pub mod assertions;
 pub mod clients;
 pub mod tokens;
 

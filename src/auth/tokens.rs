@@ -85,6 +85,11 @@ impl TokenIssuer {
         }
     }
 
+    /// The issuer (and audience) of the tokens: the server's base URL.
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
     pub fn lifetime_seconds(&self) -> i64 {
         self.lifetime_seconds
     }

@@ -89,6 +89,30 @@ impl AuditDraft {
         }
     }
 
+    /// An event by a caller that has not (yet) proven who it is: `claimed_id` is what it
+    /// claimed (a client id, or `unknown`), never a credential.
+    pub fn unauthenticated(
+        claimed_id: &str,
+        network_address: Option<&str>,
+        event_code: Code,
+        subtype: &str,
+        action: char,
+    ) -> Self {
+        let principal = Principal {
+            id: claimed_id.to_owned(),
+            role: crate::access::Role::Device,
+            scopes: Vec::new(),
+            token_id: None,
+            network_address: network_address.map(str::to_owned),
+            purpose_of_use: None,
+            request_id: None,
+            break_glass_reason: None,
+        };
+        let mut draft = Self::by(&principal, event_code, subtype, action);
+        draft.agent_role = "unauthenticated".to_owned();
+        draft
+    }
+
     pub fn on(mut self, resource_type: &str, resource_id: Option<&str>) -> Self {
         self.resource_type = Some(resource_type.to_owned());
         self.resource_id = resource_id.map(str::to_owned);
@@ -102,6 +126,12 @@ impl AuditDraft {
 
     pub fn decided_by(mut self, policies: &[String]) -> Self {
         self.decided_by = policies.to_vec();
+        self
+    }
+
+    /// Flags the event as emergency access (break-glass).
+    pub fn emergency(mut self, break_glass: bool) -> Self {
+        self.break_glass = break_glass;
         self
     }
 

@@ -133,6 +133,7 @@ pub struct Records {
     vault: Arc<Vault>,
     writer: Writer,
     authorizer: Authorizer,
+    break_glass_uses: prometheus_client::metrics::counter::Counter,
     stored_events: broadcast::Sender<RecordStored>,
     inline_limit: usize,
 }
@@ -143,6 +144,7 @@ impl Records {
         blobs: BlobStore,
         vault: Arc<Vault>,
         identity: JournalIdentity,
+        authorizer: Authorizer,
     ) -> Self {
         let writer = Writer::start(database.clone(), identity);
         let (stored_events, _) = broadcast::channel(1024);
@@ -151,7 +153,8 @@ impl Records {
             blobs,
             vault,
             writer,
-            authorizer: Authorizer,
+            authorizer,
+            break_glass_uses: prometheus_client::metrics::counter::Counter::default(),
             stored_events,
             inline_limit: DEFAULT_INLINE_LIMIT,
         }
@@ -179,6 +182,10 @@ impl Records {
         resource_type: &str,
     ) -> Result<Allowed<A>, RecordError> {
         match self.authorizer.decide::<A>(principal, resource_type) {
+            Ok(allowed) if allowed.break_glass() => {
+                self.journal_break_glass(&allowed).await?;
+                Ok(allowed)
+            }
             Ok(allowed) => Ok(allowed),
             Err(denied) => {
                 let draft = AuditDraft::by(
@@ -200,6 +207,69 @@ impl Records {
                 Err(RecordError::Denied(denied))
             }
         }
+    }
+
+    /// Journals an authentication attempt (DCM 110114): a token issued, or a credential or
+    /// access token refused and why (no secret or token text is ever recorded).
+    pub async fn journal_authentication(
+        &self,
+        claimed_id: &str,
+        network_address: Option<&str>,
+        role: Option<Role>,
+        failure_reason: Option<&str>,
+    ) -> Result<(), RecordError> {
+        let mut draft = AuditDraft::unauthenticated(
+            claimed_id,
+            network_address,
+            codes::USER_AUTHENTICATION,
+            "login",
+            'E',
+        );
+        if let Some(role) = role {
+            draft.agent_role = role.as_str().to_owned();
+        }
+        if let Some(reason) = failure_reason {
+            draft = draft.failed(Outcome::MinorFailure).because(reason);
+        }
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: vec![draft],
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Counts emergency accesses (exposed on `/metrics` for review).
+    pub fn break_glass_uses(&self) -> prometheus_client::metrics::counter::Counter {
+        self.break_glass_uses.clone()
+    }
+
+    /// Journals an emergency access as a security alert, its stated reason sealed (free text).
+    async fn journal_break_glass<A: Action>(&self, allowed: &Allowed<A>) -> Result<(), RecordError> {
+        self.break_glass_uses.inc();
+        let principal = allowed.principal();
+        let reason = principal.break_glass_reason.clone().unwrap_or_default();
+        tracing::warn!(agent = %principal.id, resource_type = %allowed.resource_type(), "break-glass access");
+        let sealed = crate::journal::sealing::seal(
+            &self.vault,
+            &self.vault.patient_ref(None),
+            reason.as_bytes(),
+        )
+        .await
+        .map_err(|error| RecordError::Audit(error.to_string()))?;
+        let mut draft = AuditDraft::by(principal, codes::SECURITY_ALERT, "break-glass", 'E')
+            .on(allowed.resource_type(), None)
+            .decided_by(allowed.decided_by())
+            .with_detail(sealed);
+        draft.break_glass = true;
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: vec![draft],
+            })
+            .await?;
+        Ok(())
     }
 
     /// Decides whether `principal` may read the audit journal; a denial is journaled.
@@ -316,7 +386,8 @@ impl Records {
         let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, subtype, action)
             .on(&key.resource_type, Some(&key.resource_id))
             .for_patient(&patient_ref)
-            .decided_by(allowed.decided_by());
+            .decided_by(allowed.decided_by())
+            .emergency(allowed.break_glass());
         let receipt = self
             .writer
             .write(WriteUnit {
@@ -376,7 +447,8 @@ impl Records {
         let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, "delete", 'D')
             .on(&key.resource_type, Some(&key.resource_id))
             .for_patient(&head.patient_ref)
-            .decided_by(allowed.decided_by());
+            .decided_by(allowed.decided_by())
+            .emergency(allowed.break_glass());
         let receipt = self
             .writer
             .write(WriteUnit {
@@ -428,7 +500,8 @@ impl Records {
         let mut draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, subtype, 'R')
             .on(&key.resource_type, Some(&key.resource_id))
             .for_patient(&stored.patient_ref)
-            .decided_by(allowed.decided_by());
+            .decided_by(allowed.decided_by())
+            .emergency(allowed.break_glass());
         draft.resource_version = Some(version);
         let record = self.decrypt_stored(stored).await;
         if record.is_err() {
@@ -474,7 +547,8 @@ impl Records {
             'R',
         )
         .on(&key.resource_type, Some(&key.resource_id))
-        .decided_by(allowed.decided_by());
+        .decided_by(allowed.decided_by())
+            .emergency(allowed.break_glass());
         draft.patient_ref = patient_ref;
         self.writer
             .write(WriteUnit {

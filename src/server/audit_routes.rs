@@ -71,8 +71,12 @@ async fn compliance_officer(
     state: &AppState,
     caller: Authenticated,
 ) -> Result<AuditJournalAccess, Response> {
-    let Ok(Caller(principal)) = caller else {
-        return Err(unauthenticated());
+    let Caller(principal) = match caller {
+        Ok(caller) => caller,
+        Err(Unauthenticated::Throttled(wait)) => {
+            return Err(Unauthenticated::Throttled(wait).into_response());
+        }
+        Err(Unauthenticated::Refused(_)) => return Err(unauthenticated()),
     };
     match state
         .appliance

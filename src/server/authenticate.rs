@@ -1,11 +1,13 @@
-//! Turns a request's bearer token into a [`Principal`]; refuses anything else with 401.
+//! Turns a request's bearer token into a [`Principal`]. Refuses anything else with 401 (audited,
+//! and counted toward the source address's back-off) and over-eager callers with 429.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use super::AppState;
@@ -15,26 +17,51 @@ use crate::access::{Principal, Role};
 #[derive(Debug, Clone)]
 pub struct Caller(pub Arc<Principal>);
 
-/// A missing or invalid bearer token.
+/// Why a request has no caller: a missing or invalid token (401), or too many requests (429).
 #[derive(Debug)]
-pub struct Unauthenticated(&'static str);
+pub enum Unauthenticated {
+    Refused(&'static str),
+    Throttled(Duration),
+}
 
 impl IntoResponse for Unauthenticated {
     fn into_response(self) -> Response {
+        let (status, code, diagnostics, retry_after) = match self {
+            Self::Refused(reason) => (StatusCode::UNAUTHORIZED, "login", reason, None),
+            Self::Throttled(wait) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                "too many requests; retry later",
+                Some(wait.as_secs().max(1)),
+            ),
+        };
         let outcome = serde_json::json!({
             "resourceType": "OperationOutcome",
-            "issue": [{"severity": "error", "code": "login", "diagnostics": self.0}],
+            "issue": [{"severity": "error", "code": code, "diagnostics": diagnostics}],
         });
-        (
-            StatusCode::UNAUTHORIZED,
-            [
-                (header::WWW_AUTHENTICATE, "Bearer"),
-                (header::CONTENT_TYPE, "application/fhir+json"),
-            ],
+        let mut response = (
+            status,
+            [(header::CONTENT_TYPE, "application/fhir+json")],
             axum::Json(outcome),
         )
-            .into_response()
+            .into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
+}
+
+/// The source address of a request, when the server recorded it.
+pub fn source_address(parts: &Parts) -> Option<String> {
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(address)| address.ip().to_string())
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -44,28 +71,39 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let header_value = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .ok_or(Unauthenticated("a bearer access token is required"))?;
-        let token = header_value
-            .strip_prefix("Bearer ")
-            .or_else(|| header_value.strip_prefix("bearer "))
-            .ok_or(Unauthenticated("a bearer access token is required"))?;
-        let claims = state
-            .appliance
-            .tokens
-            .verify(token.trim())
-            .map_err(|_| Unauthenticated("the access token is invalid or expired"))?;
+        let network_address = source_address(parts);
+        let address_key = format!("address:{}", network_address.as_deref().unwrap_or("unknown"));
+        if let Some(wait) = state.throttle.failures.blocked_for(&address_key) {
+            return Err(Unauthenticated::Throttled(wait));
+        }
+        let token = bearer_token(parts).ok_or(Unauthenticated::Refused(
+            "a bearer access token is required",
+        ))?;
+        let claims = match state.appliance.tokens.verify(token) {
+            Ok(claims) => claims,
+            Err(error) => {
+                state.throttle.failures.record_failure(&address_key);
+                let reason = format!("access token refused: {error}");
+                if let Err(journal_error) = state
+                    .appliance
+                    .records
+                    .journal_authentication("unknown", network_address.as_deref(), None, Some(&reason))
+                    .await
+                {
+                    tracing::error!(error = %journal_error, "authentication failure was not journaled");
+                }
+                return Err(Unauthenticated::Refused(
+                    "the access token is invalid or expired",
+                ));
+            }
+        };
+        if let Err(wait) = state.throttle.clients.take(&claims.sub) {
+            return Err(Unauthenticated::Throttled(wait));
+        }
         let role: Role = claims
             .role
             .parse()
-            .map_err(|_| Unauthenticated("the access token names no known role"))?;
-        let network_address = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(address)| address.ip().to_string());
+            .map_err(|_| Unauthenticated::Refused("the access token names no known role"))?;
         let request_id = parts
             .headers
             .get("x-request-id")
@@ -89,6 +127,29 @@ impl FromRequestParts<AppState> for Caller {
             network_address,
             purpose_of_use,
             request_id,
+            break_glass_reason: break_glass_reason(parts),
         })))
     }
+}
+
+/// The emergency-access reason of `X-Break-Glass-Reason`: one line, at most 500 characters.
+fn break_glass_reason(parts: &Parts) -> Option<String> {
+    let reason = parts
+        .headers
+        .get("x-break-glass-reason")?
+        .to_str()
+        .ok()?
+        .trim();
+    if reason.is_empty() || reason.chars().any(char::is_control) {
+        return None;
+    }
+    Some(reason.chars().take(500).collect())
+}
+
+fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
+    Some(token.trim())
 }

@@ -28,15 +28,15 @@ pub struct Metrics {
     latency: Histogram,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl Metrics {
-    pub fn new() -> Self {
+    /// The registry, with the record path's break-glass counter.
+    pub fn new(break_glass_uses: Counter) -> Self {
         let mut registry = Registry::with_prefix("glastonbury");
+        registry.register(
+            "break_glass_accesses",
+            "Emergency (break-glass) accesses to review",
+            break_glass_uses,
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",

@@ -7,6 +7,7 @@ pub mod fhir_routes;
 pub mod metrics;
 pub mod probes;
 pub mod problem;
+pub mod throttle;
 pub mod token_routes;
 
 use std::sync::Arc;
@@ -39,6 +40,28 @@ pub enum ServeError {
 pub struct AppState {
     pub appliance: Appliance,
     pub metrics: Arc<metrics::Metrics>,
+    pub throttle: Arc<Throttle>,
+}
+
+/// Rate limits and authentication back-off shared by every surface.
+#[derive(Debug)]
+pub struct Throttle {
+    /// Back-off after authentication failures, keyed `client:<id>` and `address:<ip>`.
+    pub failures: throttle::FailureBackoff,
+    /// Requests per authenticated client.
+    pub clients: throttle::RateLimiter,
+    /// Requests per source address.
+    pub addresses: throttle::RateLimiter,
+}
+
+impl Throttle {
+    pub fn new(rate_per_second: u32) -> Self {
+        Self {
+            failures: throttle::FailureBackoff::default(),
+            clients: throttle::RateLimiter::new(rate_per_second),
+            addresses: throttle::RateLimiter::new(rate_per_second),
+        }
+    }
 }
 
 /// How often a checkpoint is signed while the journal grows.
@@ -55,6 +78,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/fhir", fhir_routes::routes())
         .nest("/audit", audit_routes::routes())
         .fallback(problem::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limit_per_address,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::record_request,
@@ -107,16 +134,48 @@ pub fn router(state: AppState) -> Router {
     )
 }
 
+/// Refuses a source address over its request rate with 429 (probes and metrics exempt).
+async fn limit_per_address(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let exempt = matches!(request.uri().path(), "/livez" | "/readyz" | "/metrics");
+    let address = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip().to_string());
+    if let (false, Some(address)) = (exempt, address)
+        && let Err(wait) = state.throttle.addresses.take(&address)
+    {
+        let mut response = problem::Problem::new(
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "Too Many Requests",
+            "request rate limit reached for this address".to_owned(),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(wait.as_secs().max(1)),
+        );
+        return response;
+    }
+    next.run(request).await
+}
+
 /// Serves until SIGTERM or SIGINT, then drains in-flight requests (up to 30 s) and returns.
 pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     let address = appliance.settings.http_addr;
     let state = AppState {
         appliance: appliance.clone(),
-        metrics: Arc::new(metrics::Metrics::new()),
+        metrics: Arc::new(metrics::Metrics::new(appliance.records.break_glass_uses())),
+        throttle: Arc::new(Throttle::new(appliance.settings.rate_limit_per_second)),
     };
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let handle = axum_server::Handle::new();
     tokio::spawn(shutdown_on_signal(handle.clone()));
+    tokio::spawn(reload_policies_on_hangup(Arc::clone(&appliance.policies)));
     let listener = std::net::TcpListener::bind(address)
         .map_err(|source| ServeError::Listen { address, source })?;
     listener
@@ -159,6 +218,23 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     tracing::info!("http server drained; closing storage");
     appliance.close().await;
     Ok(())
+}
+
+/// Reloads the Cedar policies on SIGHUP; a set that fails to load is refused, the old one stays.
+async fn reload_policies_on_hangup(policies: Arc<crate::access::PolicyStore>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; policies load only at start");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        match policies.reload() {
+            Ok(count) => tracing::info!(policies = count, "policies reloaded"),
+            Err(error) => {
+                tracing::error!(error = %error, "policies not reloaded; the previous set stays in force");
+            }
+        }
+    }
 }
 
 async fn shutdown_on_signal(handle: axum_server::Handle) {

@@ -114,6 +114,7 @@ pub fn clinician() -> Arc<Principal> {
         network_address: None,
         purpose_of_use: Some("TREAT".to_owned()),
         request_id: None,
+        break_glass_reason: None,
     })
 }
 
