@@ -280,7 +280,10 @@ async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> any
         glastonbury::auth::assertions::validate_client_jwks(&text)
             .map_err(|reason| anyhow::anyhow!("{}: {reason}", path.display()))?;
         let (appliance, _) = open(settings).await?;
-        let client_id = appliance.clients.create_with_jwks(&new_client, &text).await?;
+        let client_id = appliance
+            .clients
+            .create_with_jwks(&new_client, &text)
+            .await?;
         if json {
             println!("{}", serde_json::json!({"client_id": client_id}));
         } else {
@@ -290,10 +293,7 @@ async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> any
         return Ok(());
     }
     let (appliance, _) = open(settings).await?;
-    let (client_id, client_secret) = appliance
-        .clients
-        .create_with_secret(&new_client)
-        .await?;
+    let (client_id, client_secret) = appliance.clients.create_with_secret(&new_client).await?;
     if json {
         println!(
             "{}",

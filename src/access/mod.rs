@@ -357,14 +357,25 @@ mod tests {
             .unwrap();
         assert!(allowed.break_glass());
         assert_eq!(allowed.decided_by(), ["clinician-break-glass"]);
-        assert!(authorizer.decide::<Update>(&emergency, "Observation").is_err());
+        assert!(
+            authorizer
+                .decide::<Update>(&emergency, "Observation")
+                .is_err()
+        );
         let ordinary = authorizer.decide::<Read>(&emergency, "Patient").unwrap();
-        assert!(!ordinary.break_glass(), "no emergency is recorded when none was needed");
+        assert!(
+            !ordinary.break_glass(),
+            "no emergency is recorded when none was needed"
+        );
         let other_role = Arc::new(Principal {
             role: Role::Admin,
             ..(*emergency).clone()
         });
-        assert!(authorizer.decide::<Read>(&other_role, "Observation").is_err());
+        assert!(
+            authorizer
+                .decide::<Read>(&other_role, "Observation")
+                .is_err()
+        );
     }
 
     #[test]

@@ -118,8 +118,8 @@ fn load_policies(folder: Option<&Path>) -> Result<LoadedPolicies, PolicyError> {
     let mut names = HashMap::new();
     let mut seen = HashSet::new();
     for (file, text) in &sources {
-        let parsed = PolicySet::from_str(text)
-            .map_err(|error| PolicyError(format!("{file}: {error}")))?;
+        let parsed =
+            PolicySet::from_str(text).map_err(|error| PolicyError(format!("{file}: {error}")))?;
         for policy in parsed.policies() {
             let Some(name) = policy.annotation("id").map(str::to_owned) else {
                 return Err(PolicyError(format!(
@@ -164,7 +164,10 @@ fn read_folder(folder: &Path) -> Result<(Vec<(String, String)>, String), PolicyE
     let mut files: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|extension| extension == "cedar"))
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|extension| extension == "cedar")
+        })
         .collect();
     files.sort();
     if files.is_empty() {
@@ -191,7 +194,10 @@ fn entity_uid(type_name: &str, id: &str) -> Result<EntityUid, String> {
         .map_err(|error| error.to_string())
 }
 
-fn evaluate(loaded: &LoadedPolicies, question: &PolicyQuestion<'_>) -> Result<PolicyAnswer, String> {
+fn evaluate(
+    loaded: &LoadedPolicies,
+    question: &PolicyQuestion<'_>,
+) -> Result<PolicyAnswer, String> {
     let role = question.principal.role;
     let role_uid = entity_uid("Role", role.as_str())?;
     let caller_uid = entity_uid("Caller", &question.principal.id)?;
@@ -219,7 +225,11 @@ fn evaluate(loaded: &LoadedPolicies, question: &PolicyQuestion<'_>) -> Result<Po
         (
             "purpose".to_owned(),
             RestrictedExpression::new_string(
-                question.principal.purpose_of_use.clone().unwrap_or_default(),
+                question
+                    .principal
+                    .purpose_of_use
+                    .clone()
+                    .unwrap_or_default(),
             ),
         ),
         (

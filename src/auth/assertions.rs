@@ -52,7 +52,10 @@ pub struct AssertionClaims {
 /// The client id an assertion claims to come from (unverified: used to find the client's keys).
 pub fn claimed_client_id(assertion: &str) -> Result<String, AssertionError> {
     use base64::Engine as _;
-    let payload = assertion.split('.').nth(1).ok_or(AssertionError::Malformed)?;
+    let payload = assertion
+        .split('.')
+        .nth(1)
+        .ok_or(AssertionError::Malformed)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload)
         .map_err(|_| AssertionError::Malformed)?;
@@ -85,7 +88,11 @@ pub fn validate_client_jwks(text: &str) -> Result<JwkSet, String> {
                 }
             }
             AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P384 => {}
-            _ => return Err(format!("key {kid}: only RSA and EC P-384 keys are accepted")),
+            _ => {
+                return Err(format!(
+                    "key {kid}: only RSA and EC P-384 keys are accepted"
+                ));
+            }
         }
     }
     Ok(set)
@@ -103,7 +110,9 @@ pub async fn verify_client_assertion(
     let header = jsonwebtoken::decode_header(assertion).map_err(|_| AssertionError::Malformed)?;
     let algorithm = header.alg;
     if !matches!(algorithm, Algorithm::RS384 | Algorithm::ES384) {
-        return Err(AssertionError::AlgorithmNotAllowed(format!("{algorithm:?}")));
+        return Err(AssertionError::AlgorithmNotAllowed(format!(
+            "{algorithm:?}"
+        )));
     }
     let kid = header.kid.ok_or(AssertionError::UnknownKey)?;
     let jwk = jwks.find(&kid).ok_or(AssertionError::UnknownKey)?;

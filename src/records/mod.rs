@@ -246,7 +246,10 @@ impl Records {
     }
 
     /// Journals an emergency access as a security alert, its stated reason sealed (free text).
-    async fn journal_break_glass<A: Action>(&self, allowed: &Allowed<A>) -> Result<(), RecordError> {
+    async fn journal_break_glass<A: Action>(
+        &self,
+        allowed: &Allowed<A>,
+    ) -> Result<(), RecordError> {
         self.break_glass_uses.inc();
         let principal = allowed.principal();
         let reason = principal.break_glass_reason.clone().unwrap_or_default();
@@ -548,7 +551,7 @@ impl Records {
         )
         .on(&key.resource_type, Some(&key.resource_id))
         .decided_by(allowed.decided_by())
-            .emergency(allowed.break_glass());
+        .emergency(allowed.break_glass());
         draft.patient_ref = patient_ref;
         self.writer
             .write(WriteUnit {

@@ -72,7 +72,10 @@ impl FromRequestParts<AppState> for Caller {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let network_address = source_address(parts);
-        let address_key = format!("address:{}", network_address.as_deref().unwrap_or("unknown"));
+        let address_key = format!(
+            "address:{}",
+            network_address.as_deref().unwrap_or("unknown")
+        );
         if let Some(wait) = state.throttle.failures.blocked_for(&address_key) {
             return Err(Unauthenticated::Throttled(wait));
         }
@@ -87,7 +90,12 @@ impl FromRequestParts<AppState> for Caller {
                 if let Err(journal_error) = state
                     .appliance
                     .records
-                    .journal_authentication("unknown", network_address.as_deref(), None, Some(&reason))
+                    .journal_authentication(
+                        "unknown",
+                        network_address.as_deref(),
+                        None,
+                        Some(&reason),
+                    )
                     .await
                 {
                     tracing::error!(error = %journal_error, "authentication failure was not journaled");

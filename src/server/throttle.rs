@@ -30,7 +30,10 @@ pub struct FailureBackoff {
 impl FailureBackoff {
     /// How long `key` must still wait, if it is blocked.
     pub fn blocked_for(&self, key: &str) -> Option<Duration> {
-        let records = self.records.lock().unwrap_or_else(|poison| poison.into_inner());
+        let records = self
+            .records
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let until = records.get(key)?.blocked_until?;
         until.checked_duration_since(Instant::now())
     }
@@ -38,7 +41,10 @@ impl FailureBackoff {
     /// Counts one failure; past the threshold the key is blocked for 1 s, 2 s, 4 s, … (≤ 5 min).
     pub fn record_failure(&self, key: &str) {
         let now = Instant::now();
-        let mut records = self.records.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut records = self
+            .records
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if records.len() > SWEEP_ABOVE {
             records.retain(|_, record| {
                 now.duration_since(record.window_started) < FAILURE_WINDOW
@@ -69,7 +75,10 @@ impl FailureBackoff {
 
     /// Forgets the failures of `key` after a success.
     pub fn record_success(&self, key: &str) {
-        let mut records = self.records.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut records = self
+            .records
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         records.remove(key);
     }
 }
@@ -99,9 +108,13 @@ impl RateLimiter {
     pub fn take(&self, key: &str) -> Result<(), Duration> {
         let now = Instant::now();
         let capacity = self.rate * 2.0;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|poison| poison.into_inner());
+        let mut buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         if buckets.len() > SWEEP_ABOVE {
-            buckets.retain(|_, bucket| now.duration_since(bucket.refilled) < Duration::from_secs(60));
+            buckets
+                .retain(|_, bucket| now.duration_since(bucket.refilled) < Duration::from_secs(60));
         }
         let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
             tokens: capacity,

@@ -73,7 +73,10 @@ async fn token(
         Err(ClientFailure::Refused { claimed_id, reason }) => {
             tracing::warn!(client_id = %claimed_id, reason = %reason, "client authentication failed");
             state.throttle.failures.record_failure(&address_key);
-            state.throttle.failures.record_failure(&format!("client:{claimed_id}"));
+            state
+                .throttle
+                .failures
+                .record_failure(&format!("client:{claimed_id}"));
             journal_authentication(&state, &claimed_id, &address, None, Some(&reason)).await;
             return oauth_error(
                 StatusCode::UNAUTHORIZED,
@@ -166,10 +169,21 @@ async fn authenticate_client(
             return Err(refused(&claimed, "client_assertion is missing"));
         };
         let client_id = claimed_client_id(assertion).map_err(|error| refused(&claimed, error))?;
-        if request.client_id.as_ref().is_some_and(|given| *given != client_id) {
-            return Err(refused(&client_id, "client_id differs from the assertion issuer"));
+        if request
+            .client_id
+            .as_ref()
+            .is_some_and(|given| *given != client_id)
+        {
+            return Err(refused(
+                &client_id,
+                "client_id differs from the assertion issuer",
+            ));
         }
-        if let Some(wait) = state.throttle.failures.blocked_for(&format!("client:{client_id}")) {
+        if let Some(wait) = state
+            .throttle
+            .failures
+            .blocked_for(&format!("client:{client_id}"))
+        {
             return Err(ClientFailure::Throttled(wait));
         }
         let jwks = registered_jwks(&appliance.database, &client_id)
@@ -177,9 +191,15 @@ async fn authenticate_client(
             .map_err(|error| ClientFailure::Unavailable(error.to_string()))?
             .ok_or_else(|| refused(&client_id, "no such client with registered keys"))?;
         let token_url = format!("{}/auth/token", appliance.tokens.issuer());
-        verify_client_assertion(&appliance.database, assertion, &client_id, &jwks, &token_url)
-            .await
-            .map_err(|error| refused(&client_id, error))?;
+        verify_client_assertion(
+            &appliance.database,
+            assertion,
+            &client_id,
+            &jwks,
+            &token_url,
+        )
+        .await
+        .map_err(|error| refused(&client_id, error))?;
         return appliance
             .clients
             .registration(&client_id)
@@ -190,7 +210,11 @@ async fn authenticate_client(
     let Some((client_id, secret)) = basic_credentials(headers) else {
         return Err(refused("unknown", "no client credentials"));
     };
-    if let Some(wait) = state.throttle.failures.blocked_for(&format!("client:{client_id}")) {
+    if let Some(wait) = state
+        .throttle
+        .failures
+        .blocked_for(&format!("client:{client_id}"))
+    {
         return Err(ClientFailure::Throttled(wait));
     }
     appliance

@@ -7,5 +7,6 @@
 mod common;
 mod audit_journal;
 mod e2e_audit;
+mod e2e_auth;
 mod e2e_core;
 mod storage_suite;
