@@ -22,3 +22,14 @@ fi
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   echo "note: cargo-nextest not found; scripts/test falls back to cargo test"
 fi
+
+# The test OpenID provider (npm `oidc-provider`, run with the machine's Node.js).
+idp_dir="$(dirname "$0")/../tests/idp"
+if [ ! -d "$idp_dir/node_modules/oidc-provider" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "installing the test OpenID provider (npm ci in tests/idp)"
+    npm ci --prefix "$idp_dir" --no-audit --no-fund --loglevel=error >/dev/null
+  else
+    echo "note: npm not found; the OpenID provider tests will fail (install nodejs and npm)"
+  fi
+fi

@@ -32,6 +32,8 @@ pub enum StartError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Discovery(#[from] crate::auth::external::DiscoveryError),
 }
 
 /// The first administrator client, created on first start; its secret is shown once.
@@ -60,6 +62,8 @@ pub struct Appliance {
     pub tokens: Arc<TokenIssuer>,
     pub checkpoints: Arc<CheckpointService>,
     pub policies: Arc<PolicyStore>,
+    /// The hospital's OpenID provider, when `oidc_issuer` is set.
+    pub external_issuer: Option<Arc<crate::auth::external::ExternalIssuer>>,
 }
 
 impl Appliance {
@@ -103,6 +107,23 @@ impl Appliance {
             CheckpointService::open(database.clone(), Arc::clone(&vault), &settings.appliance_id)
                 .await?,
         );
+        let external_issuer = match &settings.oidc_issuer {
+            Some(issuer) => {
+                let audience = settings
+                    .oidc_audience
+                    .clone()
+                    .unwrap_or_else(|| tokens.issuer().to_owned());
+                Some(Arc::new(
+                    crate::auth::external::ExternalIssuer::discover(
+                        issuer,
+                        &audience,
+                        &settings.oidc_role_claim,
+                    )
+                    .await?,
+                ))
+            }
+            None => None,
+        };
         let clients = Clients::new(database.clone());
         let first_admin = create_first_admin(&clients).await?;
         let appliance = Self {
@@ -115,6 +136,7 @@ impl Appliance {
             tokens,
             checkpoints,
             policies,
+            external_issuer,
         };
         Ok((
             appliance,

@@ -58,6 +58,8 @@ struct SettingsFile {
     blob_url: Option<String>,
     mqtt_url: Option<String>,
     oidc_issuer: Option<String>,
+    oidc_audience: Option<String>,
+    oidc_role_claim: Option<String>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     master_passphrase: Option<SecretString>,
@@ -80,6 +82,8 @@ const SETTING_KEYS: &[&str] = &[
     "blob_url",
     "mqtt_url",
     "oidc_issuer",
+    "oidc_audience",
+    "oidc_role_claim",
     "tls_cert",
     "tls_key",
     "master_passphrase",
@@ -113,6 +117,10 @@ pub struct Settings {
     pub blob_url: String,
     pub mqtt_url: Option<String>,
     pub oidc_issuer: Option<String>,
+    /// The audience access tokens from the external issuer must name (default: our base URL).
+    pub oidc_audience: Option<String>,
+    /// The claim holding the caller's role (a string or an array of strings).
+    pub oidc_role_claim: String,
     pub tls: Option<TlsSettings>,
     pub master_passphrase: Option<SecretString>,
     pub appliance_id: String,
@@ -291,6 +299,9 @@ impl Settings {
             .map(PathBuf::from),
             mqtt_url: overlay("mqtt_url", file.mqtt_url)?,
             oidc_issuer: overlay("oidc_issuer", file.oidc_issuer)?,
+            oidc_audience: overlay("oidc_audience", file.oidc_audience)?,
+            oidc_role_claim: overlay("oidc_role_claim", file.oidc_role_claim)?
+                .unwrap_or_else(|| "roles".to_owned()),
             data_dir,
             http_addr,
             dicom_addr,
@@ -325,6 +336,11 @@ impl Settings {
         }
         if let Some(issuer) = &self.oidc_issuer {
             push("oidc_issuer", quote(issuer));
+            push(
+                "oidc_audience",
+                quote(self.oidc_audience.as_deref().unwrap_or_default()),
+            );
+            push("oidc_role_claim", quote(&self.oidc_role_claim));
         }
         if let Some(folder) = &self.policies_dir {
             push("policies_dir", quote(&folder.display().to_string()));

@@ -3,6 +3,7 @@
 
 pub mod assertions;
 pub mod clients;
+pub mod external;
 pub mod tokens;
 
 pub use clients::{ClientRegistration, Clients, NewClient};

@@ -9,4 +9,5 @@ mod audit_journal;
 mod e2e_audit;
 mod e2e_auth;
 mod e2e_core;
+mod e2e_oidc;
 mod storage_suite;
