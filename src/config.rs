@@ -60,6 +60,9 @@ struct SettingsFile {
     oidc_issuer: Option<String>,
     oidc_audience: Option<String>,
     oidc_role_claim: Option<String>,
+    oidc_client_id: Option<String>,
+    oidc_client_secret: Option<SecretString>,
+    console_idle_seconds: Option<u64>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     master_passphrase: Option<SecretString>,
@@ -84,6 +87,9 @@ const SETTING_KEYS: &[&str] = &[
     "oidc_issuer",
     "oidc_audience",
     "oidc_role_claim",
+    "oidc_client_id",
+    "oidc_client_secret",
+    "console_idle_seconds",
     "tls_cert",
     "tls_key",
     "master_passphrase",
@@ -97,7 +103,7 @@ const SETTING_KEYS: &[&str] = &[
 ];
 
 /// Settings that are secrets: also read from `<ENV>_FILE` or `$CREDENTIALS_DIRECTORY/<key>`.
-const SECRET_KEYS: &[&str] = &["master_passphrase", "database_url"];
+const SECRET_KEYS: &[&str] = &["master_passphrase", "database_url", "oidc_client_secret"];
 
 /// TLS certificate chain and private key, both PEM files.
 #[derive(Debug, Clone, Serialize)]
@@ -121,6 +127,11 @@ pub struct Settings {
     pub oidc_audience: Option<String>,
     /// The claim holding the caller's role (a string or an array of strings).
     pub oidc_role_claim: String,
+    /// The console's client at the OpenID provider (authorization code + PKCE).
+    pub oidc_client_id: Option<String>,
+    pub oidc_client_secret: Option<SecretString>,
+    /// Console sessions end after this many seconds without a request.
+    pub console_idle_seconds: u64,
     pub tls: Option<TlsSettings>,
     pub master_passphrase: Option<SecretString>,
     pub appliance_id: String,
@@ -302,6 +313,19 @@ impl Settings {
             oidc_audience: overlay("oidc_audience", file.oidc_audience)?,
             oidc_role_claim: overlay("oidc_role_claim", file.oidc_role_claim)?
                 .unwrap_or_else(|| "roles".to_owned()),
+            oidc_client_id: overlay("oidc_client_id", file.oidc_client_id)?,
+            oidc_client_secret: overlay(
+                "oidc_client_secret",
+                file.oidc_client_secret
+                    .map(|secret| secret.expose_secret().to_owned()),
+            )?
+            .map(SecretString::from),
+            console_idle_seconds: parse_number(
+                "console_idle_seconds",
+                overlay("console_idle_seconds", None)?,
+                file.console_idle_seconds,
+                900,
+            )?,
             data_dir,
             http_addr,
             dicom_addr,
@@ -341,6 +365,20 @@ impl Settings {
                 quote(self.oidc_audience.as_deref().unwrap_or_default()),
             );
             push("oidc_role_claim", quote(&self.oidc_role_claim));
+            push(
+                "oidc_client_id",
+                quote(self.oidc_client_id.as_deref().unwrap_or_default()),
+            );
+            let client_secret = if self.oidc_client_secret.is_some() {
+                "\"********\""
+            } else {
+                "\"\""
+            };
+            push("oidc_client_secret", client_secret.to_owned());
+            push(
+                "console_idle_seconds",
+                self.console_idle_seconds.to_string(),
+            );
         }
         if let Some(folder) = &self.policies_dir {
             push("policies_dir", quote(&folder.display().to_string()));

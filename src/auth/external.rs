@@ -52,6 +52,9 @@ pub struct ExternalIssuer {
     audience: String,
     role_claim: String,
     jwks_uri: String,
+    /// Where the console sends people to sign in, and trades codes for tokens.
+    pub authorization_endpoint: String,
+    pub token_endpoint: String,
     http: reqwest::Client,
     keys: RwLock<(JwkSet, Instant)>,
 }
@@ -84,8 +87,18 @@ impl ExternalIssuer {
             .as_str()
             .ok_or_else(|| DiscoveryError::BadDocument("no jwks_uri".to_owned()))?
             .to_owned();
+        let endpoint = |name: &str| {
+            document[name]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_default()
+        };
+        let authorization_endpoint = endpoint("authorization_endpoint");
+        let token_endpoint = endpoint("token_endpoint");
         let keys: JwkSet = fetch_json(&http, &jwks_uri).await?;
         Ok(Self {
+            authorization_endpoint,
+            token_endpoint,
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             role_claim: role_claim.to_owned(),
@@ -129,6 +142,47 @@ impl ExternalIssuer {
             scope: scope_from(&claims),
             token_id: claims["jti"].as_str().map(str::to_owned),
         })
+    }
+
+    /// The HTTP client used toward the provider (no redirects, 10 s timeout).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Verifies an ID token from the code flow: signature, `iss`, `aud` = our client id, expiry
+    /// and the `nonce` of this login. Returns its claims.
+    pub async fn verify_id_token(
+        &self,
+        token: &str,
+        client_id: &str,
+        nonce: &str,
+    ) -> Result<serde_json::Value, TokenError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if !ALLOWED_ALGORITHMS.contains(&header.alg) {
+            return Err(TokenError::AlgorithmNotAllowed);
+        }
+        let kid = header.kid.ok_or(TokenError::UnknownKey)?;
+        let key = self.key_for(&kid).await?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[client_id]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
+            .map_err(|_| TokenError::BadSignature)?
+            .claims;
+        let presented = claims["nonce"].as_str().unwrap_or_default();
+        let matches: bool =
+            subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), nonce.as_bytes()).into();
+        if !matches {
+            return Err(TokenError::WrongAudience);
+        }
+        Ok(claims)
+    }
+
+    /// The role named by the configured role claim of `claims`.
+    pub fn role_of(&self, claims: &serde_json::Value) -> Option<String> {
+        role_from(&claims[self.role_claim.as_str()])
     }
 
     /// The key `kid`, refreshing the JWKS once if it is unknown (the provider rotated keys).

@@ -3,6 +3,7 @@
 
 pub mod audit_routes;
 pub mod authenticate;
+pub mod console;
 pub mod fhir_routes;
 pub mod metrics;
 pub mod probes;
@@ -41,6 +42,7 @@ pub struct AppState {
     pub appliance: Appliance,
     pub metrics: Arc<metrics::Metrics>,
     pub throttle: Arc<Throttle>,
+    pub console: Arc<console::ConsoleSessions>,
 }
 
 /// Rate limits and authentication back-off shared by every surface.
@@ -77,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .merge(token_routes::routes())
         .nest("/fhir", fhir_routes::routes())
         .nest("/audit", audit_routes::routes())
+        .nest("/console", console::routes())
         .fallback(problem::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -171,6 +174,7 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
         appliance: appliance.clone(),
         metrics: Arc::new(metrics::Metrics::new(appliance.records.break_glass_uses())),
         throttle: Arc::new(Throttle::new(appliance.settings.rate_limit_per_second)),
+        console: Arc::new(console::ConsoleSessions::default()),
     };
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let handle = axum_server::Handle::new();

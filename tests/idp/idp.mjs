@@ -56,8 +56,12 @@ const provider = new Provider(issuer, {
     clientAuthSigningAlgValues: ['RS256', 'RS384', 'ES256', 'ES384', 'PS256'],
   },
   extraTokenClaims: () => ({ roles: [role] }),
-  claims: { openid: ['sub'], profile: ['name'] },
-  findAccount: (ctx, id) => ({ accountId: id, claims: () => ({ sub: id, name: id }) }),
+  claims: { openid: ['sub'], profile: ['name', 'roles'] },
+  conformIdTokenClaims: false,
+  findAccount: (ctx, id) => ({
+    accountId: id,
+    claims: () => ({ sub: id, name: id, roles: [role] }),
+  }),
   pkce: { required: () => true },
 });
 provider.proxy = false;
