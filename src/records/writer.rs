@@ -148,6 +148,18 @@ async fn run_batch_transaction(
     let mut outcomes = Vec::with_capacity(units.len());
     let mut leaves: Vec<PendingLeaf> = Vec::new();
     for unit in units {
+        if unit.rows.is_empty() {
+            // Audit-only units write nothing that could fail halfway: no savepoint needed.
+            match apply_unit(&mut transaction, identity, unit).await {
+                Ok((mut receipt, unit_leaves)) => {
+                    receipt.first_leaf_index = tree.size() + leaves.len() as u64;
+                    leaves.extend(unit_leaves);
+                    outcomes.push(Ok(receipt));
+                }
+                Err(error) => outcomes.push(Err(error)),
+            }
+            continue;
+        }
         sqlx::query("SAVEPOINT unit")
             .execute(&mut *transaction)
             .await?;
