@@ -169,6 +169,13 @@ pub struct Denied {
     pub decided_by: Vec<String>,
 }
 
+/// What a surface learned from the request that policies may depend on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestFacts {
+    /// The data written names the caller itself (e.g. `Observation.device` is the device).
+    pub concerns_caller: bool,
+}
+
 /// Decides access with the Cedar policy set in force. Deny by default: only what a policy
 /// permits (and none forbids) is allowed.
 #[derive(Debug, Clone)]
@@ -186,12 +193,23 @@ impl Authorizer {
         Ok(Self::new(Arc::new(PolicyStore::load(None)?)))
     }
 
-    /// Decides whether `principal` may do `A` on `resource_type`. A clinician who stated a
-    /// break-glass reason is asked again as an emergency when the normal decision is a denial.
+    /// Decides whether `principal` may do `A` on `resource_type`, knowing nothing of the data.
     pub fn decide<A: Action>(
         &self,
         principal: &Arc<Principal>,
         resource_type: &str,
+    ) -> Result<Allowed<A>, Denied> {
+        self.decide_with(principal, resource_type, &RequestFacts::default())
+    }
+
+    /// Decides whether `principal` may do `A` on `resource_type` with what the surface learned
+    /// from the request (`facts`). A clinician who stated a break-glass reason is asked again as
+    /// an emergency when the normal decision is a denial.
+    pub fn decide_with<A: Action>(
+        &self,
+        principal: &Arc<Principal>,
+        resource_type: &str,
+        facts: &RequestFacts,
     ) -> Result<Allowed<A>, Denied> {
         let scopes_permit = principal
             .scopes
@@ -203,6 +221,7 @@ impl Authorizer {
             resource_type: Some(resource_type),
             scopes_permit,
             break_glass: false,
+            concerns_caller: facts.concerns_caller,
         };
         let answer = self.policies.decide(&question);
         let allowed = |decided_by: Vec<String>, break_glass: bool| Allowed {
@@ -249,6 +268,7 @@ impl Authorizer {
             resource_type: None,
             scopes_permit: false,
             break_glass: false,
+            concerns_caller: false,
         });
         if !answer.allowed {
             return Err(Denied {
@@ -411,7 +431,18 @@ mod tests {
     fn device_only_creates_observations() {
         let authorizer = Authorizer::with_default_policies().unwrap();
         let device = principal(Role::Device, "system/Observation.c system/Patient.r");
-        assert!(authorizer.decide::<Create>(&device, "Observation").is_ok());
+        let own = RequestFacts {
+            concerns_caller: true,
+        };
+        assert!(
+            authorizer
+                .decide_with::<Create>(&device, "Observation", &own)
+                .is_ok()
+        );
+        assert!(
+            authorizer.decide::<Create>(&device, "Observation").is_err(),
+            "another device's observation"
+        );
         assert!(authorizer.decide::<Read>(&device, "Patient").is_err());
     }
 }

@@ -36,6 +36,8 @@ pub struct PolicyQuestion<'a> {
     pub resource_type: Option<&'a str>,
     pub scopes_permit: bool,
     pub break_glass: bool,
+    /// The data written names the caller itself (a device's own observation).
+    pub concerns_caller: bool,
 }
 
 /// The answer: allowed or not, and the ids of the policies that decided.
@@ -239,6 +241,10 @@ fn evaluate(
         (
             "breakGlass".to_owned(),
             RestrictedExpression::new_bool(question.break_glass),
+        ),
+        (
+            "concernsCaller".to_owned(),
+            RestrictedExpression::new_bool(question.concerns_caller),
         ),
     ])
     .map_err(|error| error.to_string())?;

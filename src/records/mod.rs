@@ -181,7 +181,22 @@ impl Records {
         principal: &Arc<Principal>,
         resource_type: &str,
     ) -> Result<Allowed<A>, RecordError> {
-        match self.authorizer.decide::<A>(principal, resource_type) {
+        self.authorize_with(principal, resource_type, &access::RequestFacts::default())
+            .await
+    }
+
+    /// Decides access knowing what the surface learned from the request (see
+    /// [`access::RequestFacts`]); a denial is journaled before it is returned.
+    pub async fn authorize_with<A: Action>(
+        &self,
+        principal: &Arc<Principal>,
+        resource_type: &str,
+        facts: &access::RequestFacts,
+    ) -> Result<Allowed<A>, RecordError> {
+        match self
+            .authorizer
+            .decide_with::<A>(principal, resource_type, facts)
+        {
             Ok(allowed) if allowed.break_glass() => {
                 self.journal_break_glass(&allowed).await?;
                 Ok(allowed)

@@ -134,6 +134,24 @@ fn patient_of(resource_type: &str, id: &str, resource: &serde_json::Value) -> Op
         })
 }
 
+/// Whether a written resource names the caller itself: an Observation whose `device` is
+/// `Device/<caller id>`, or a Device with an identifier whose value is the caller id.
+fn names_caller(resource_type: &str, resource: &serde_json::Value, caller_id: &str) -> bool {
+    match resource_type {
+        "Observation" => {
+            resource["device"]["reference"].as_str() == Some(&format!("Device/{caller_id}"))
+        }
+        "Device" => resource["identifier"]
+            .as_array()
+            .is_some_and(|identifiers| {
+                identifiers
+                    .iter()
+                    .any(|identifier| identifier["value"].as_str() == Some(caller_id))
+            }),
+        _ => false,
+    }
+}
+
 /// Parses and checks a resource body; returns it with `id` and `meta` set by the server.
 fn prepare_resource(
     resource_type: &str,
@@ -269,17 +287,20 @@ async fn create(
         );
     }
     let records = &state.appliance.records;
-    let allowed = match records
-        .authorize::<access::Create>(&principal, &resource_type)
-        .await
-    {
-        Ok(allowed) => allowed,
-        Err(error) => return record_error_response(error),
-    };
     let id = uuid::Uuid::new_v4().to_string();
     let resource = match prepare_resource(&resource_type, &id, &body, None) {
         Ok(resource) => resource,
         Err(error) => return error.into_response(),
+    };
+    let facts = access::RequestFacts {
+        concerns_caller: names_caller(&resource_type, &resource, &principal.id),
+    };
+    let allowed = match records
+        .authorize_with::<access::Create>(&principal, &resource_type, &facts)
+        .await
+    {
+        Ok(allowed) => allowed,
+        Err(error) => return record_error_response(error),
     };
     let stored_body = RecordBody {
         patient_id: patient_of(&resource_type, &id, &resource),

@@ -660,11 +660,8 @@ fn every_role_action_and_resource_cell_is_decided_by_policy() {
                 ("update", "PUT", format!("{resource_type}/seed")),
                 ("delete", "DELETE", format!("{resource_type}/other")),
             ] {
-                let expected_allowed = match *role {
-                    "clinician" => true,
-                    "device" => action == "create" && resource_type != "Patient",
-                    _ => false,
-                };
+                // A device writes only data that names itself; these bodies name no device.
+                let expected_allowed = *role == "clinician";
                 let status = fhir_status(&client, &server, token, method, &path, None);
                 let allowed = status != 403;
                 assert_eq!(
@@ -694,4 +691,28 @@ fn every_role_action_and_resource_cell_is_decided_by_policy() {
         cells += 1;
     }
     assert_eq!(cells, 65);
+
+    // A device creates observations that name it, never another device's.
+    let device_token = &tokens[3].1;
+    let claims: Value = serde_json::from_slice(
+        &URL_SAFE_NO_PAD
+            .decode(device_token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let device_id = claims["sub"].as_str().unwrap();
+    let observe = |device_reference: &str| {
+        send_patiently(|| {
+            client
+                .post(format!("{}/fhir/Observation", server.base_url))
+                .bearer_auth(device_token)
+                .json(&json!({"resourceType": "Observation", "status": "final",
+                    "code": {"text": "heart rate"}, "device": {"reference": device_reference}}))
+        })
+        .0
+        .status()
+        .as_u16()
+    };
+    assert_eq!(observe(&format!("Device/{device_id}")), 201);
+    assert_eq!(observe("Device/someone-else"), 403);
 }

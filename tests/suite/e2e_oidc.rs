@@ -133,8 +133,9 @@ fn access_tokens_from_the_hospital_idp_are_validated_against_its_keys() {
     );
 
     let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
-    let signature = parts[2].clone();
-    parts[2] = format!("{}A", &signature[..signature.len() - 1]);
+    let mut signature = parts[2].clone().into_bytes();
+    signature[10] = if signature[10] == b'A' { b'B' } else { b'A' };
+    parts[2] = String::from_utf8(signature).unwrap();
     assert_eq!(
         read(&parts.join(".")),
         401,
