@@ -4,6 +4,7 @@
 pub mod assertions;
 pub mod clients;
 pub mod external;
+pub mod outbound;
 pub mod tokens;
 
 pub use clients::{ClientRegistration, Clients, NewClient};

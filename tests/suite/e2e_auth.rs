@@ -716,3 +716,74 @@ fn every_role_action_and_resource_cell_is_decided_by_policy() {
     assert_eq!(observe(&format!("Device/{device_id}")), 201);
     assert_eq!(observe("Device/someone-else"), 403);
 }
+
+#[test]
+fn outbound_tokens_come_from_a_remote_token_server_and_are_cached() {
+    use glastonbury::auth::outbound::{OutboundCredential, OutboundTokenSource};
+    use secrecy::ExposeSecret as _;
+    // Another Glastonbury plays the remote EHR's authorization server.
+    let (_workspace, remote, client) = start();
+    let backend_id = register_backend_client(&remote);
+    let output = remote.command(&[
+        "clients",
+        "create",
+        "--name",
+        "delivery",
+        "--role",
+        "clinician",
+        "--scope",
+        "system/Observation.rs",
+        "--json",
+    ]);
+    let secret_client: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let token_url = format!("{}/auth/token", remote.base_url);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let with_key = OutboundTokenSource::new(
+        &token_url,
+        &backend_id,
+        OutboundCredential::PrivateKey {
+            pem: secrecy::SecretBox::new(Box::new(std::fs::read(fixture("es384.pem")).unwrap())),
+            algorithm: jsonwebtoken::Algorithm::ES384,
+            key_id: "backend-es384".to_owned(),
+        },
+        &["system/*.rs"],
+    )
+    .unwrap();
+    let with_secret = OutboundTokenSource::new(
+        &token_url,
+        secret_client["client_id"].as_str().unwrap(),
+        OutboundCredential::Secret(secret_client["client_secret"].as_str().unwrap().into()),
+        &["system/Observation.rs"],
+    )
+    .unwrap();
+    for source in [&with_key, &with_secret] {
+        let first = runtime.block_on(source.access_token()).unwrap();
+        let again = runtime.block_on(source.access_token()).unwrap();
+        assert_eq!(
+            first.expose_secret(),
+            again.expose_secret(),
+            "cached until near expiry"
+        );
+        let read = client
+            .get(format!("{}/fhir/Observation/none", remote.base_url))
+            .bearer_auth(first.expose_secret())
+            .send()
+            .unwrap();
+        assert_eq!(read.status().as_u16(), 404, "the remote accepts the token");
+    }
+    let wrong = OutboundTokenSource::new(
+        &token_url,
+        &backend_id,
+        OutboundCredential::PrivateKey {
+            pem: secrecy::SecretBox::new(Box::new(
+                std::fs::read(fixture("stranger-es384.pem")).unwrap(),
+            )),
+            algorithm: jsonwebtoken::Algorithm::ES384,
+            key_id: "backend-es384".to_owned(),
+        },
+        &["system/*.rs"],
+    )
+    .unwrap();
+    let refused = runtime.block_on(wrong.access_token()).unwrap_err();
+    assert!(refused.to_string().contains("refused"), "{refused}");
+}
