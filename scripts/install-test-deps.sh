@@ -33,3 +33,11 @@ if [ ! -d "$idp_dir/node_modules/oidc-provider" ]; then
     echo "note: npm not found; the OpenID provider tests will fail (install nodejs and npm)"
   fi
 fi
+
+# Python clients (fhirclient, PyJWT) in the project's own virtual environment.
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -x "$root/.venv/bin/python" ] || ! "$root/.venv/bin/python" -c "import fhirclient, jwt" >/dev/null 2>&1; then
+  echo "installing the Python test clients into .venv"
+  python3 -m venv "$root/.venv"
+  "$root/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/python/requirements.txt"
+fi

@@ -250,17 +250,25 @@ fn if_match(headers: &HeaderMap) -> Result<Precondition, FhirError> {
         .map_err(|_| invalid("invalid", "If-Match must be an ETag like W/\"3\""))
 }
 
-async fn capability_statement() -> Response {
+async fn capability_statement(State(state): State<AppState>) -> Response {
+    let base = state.appliance.tokens.issuer();
     let body = serde_json::json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
+        "date": instant(crate::storage::now_micros()),
         "kind": "instance",
         "fhirVersion": "4.0.1",
         "format": ["application/fhir+json"],
         "software": {"name": "Glastonbury", "version": env!("CARGO_PKG_VERSION")},
         "rest": [{
             "mode": "server",
-            "security": {"service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}]},
+            "security": {
+                "extension": [{
+                    "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+                    "extension": [{"url": "token", "valueUri": format!("{base}/auth/token")}],
+                }],
+                "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}]}],
+            },
             "resource": [],
             "interaction": [],
         }],

@@ -787,3 +787,40 @@ fn outbound_tokens_come_from_a_remote_token_server_and_are_cached() {
     let refused = runtime.block_on(wrong.access_token()).unwrap_err();
     assert!(refused.to_string().contains("refused"), "{refused}");
 }
+
+#[test]
+fn python_fhirclient_reads_with_a_backend_services_token() {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "the Python test clients are not installed: run scripts/install-test-deps.sh"
+    );
+    let (_workspace, server, client) = start();
+    let clinician = server.token_for("clinician", &["system/*.cruds"]);
+    let created: Value = client
+        .post(format!("{}/fhir/Patient", server.base_url))
+        .bearer_auth(&clinician)
+        .json(&json!({"resourceType": "Patient", "name": [{"family": "Fhirclient", "given": ["Py"]}]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let backend_id = register_backend_client(&server);
+    let output = std::process::Command::new(python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/backend_services_read.py"))
+        .args([
+            server.base_url.as_str(),
+            backend_id.as_str(),
+            fixture("es384.pem").to_str().unwrap(),
+            "backend-es384",
+            created["id"].as_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "fhirclient failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "Fhirclient");
+}
