@@ -33,6 +33,8 @@ pub enum StartError {
     #[error(transparent)]
     Policy(#[from] PolicyError),
     #[error(transparent)]
+    TokenKeys(#[from] crate::auth::token_keys::TokenKeyError),
+    #[error(transparent)]
     Discovery(#[from] crate::auth::external::DiscoveryError),
 }
 
@@ -78,7 +80,7 @@ impl Appliance {
         let protector = protector_for(settings.master_passphrase.as_ref());
         let (vault, opening) = Vault::open_or_create(database.clone(), key_file, protector).await?;
         let vault = Arc::new(vault);
-        let token_seed = vault.token_signing_seed().await?;
+        let (_, token_seeds) = crate::auth::token_keys::token_seeds(&database, &vault).await?;
         let issuer = format!(
             "{}://{}",
             if settings.tls.is_some() {
@@ -88,8 +90,8 @@ impl Appliance {
             },
             settings.http_addr
         );
-        let tokens = Arc::new(TokenIssuer::new(
-            &token_seed,
+        let tokens = Arc::new(TokenIssuer::with_keys(
+            &token_seeds,
             issuer,
             settings.token_lifetime_seconds,
         ));
@@ -145,6 +147,13 @@ impl Appliance {
                 first_admin,
             },
         ))
+    }
+
+    /// Re-reads the token signing keys (after `keys rotate-token-key` in another process).
+    pub async fn reload_token_keys(&self) -> Result<(), crate::auth::token_keys::TokenKeyError> {
+        let (_, seeds) = crate::auth::token_keys::token_seeds(&self.database, &self.vault).await?;
+        self.tokens.replace_keys(&seeds);
+        Ok(())
     }
 
     /// Flushes and closes what the appliance holds open.

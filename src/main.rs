@@ -113,6 +113,10 @@ enum ClientsCommand {
         /// client's public keys (RSA ≥ 2048 bits for RS384, EC P-384 for ES384, each with a kid).
         #[arg(long, conflicts_with = "secret", value_name = "FILE")]
         jwks: Option<PathBuf>,
+        /// Authenticate with private_key_jwt against the keys the client publishes at this URL
+        /// (https; http only on loopback). Fetched when needed, reused for 5 minutes.
+        #[arg(long, conflicts_with_all = ["secret", "jwks"], value_name = "URL")]
+        jwks_url: Option<String>,
     },
 }
 
@@ -120,6 +124,9 @@ enum ClientsCommand {
 enum KeysCommand {
     /// Create a new master key and re-wrap every patient key under it (payloads untouched).
     Rotate,
+    /// Start a new access-token signing key. Running servers pick it up within 30 s (or on
+    /// SIGHUP); tokens signed by the previous key stay valid until they expire.
+    RotateTokenKey,
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +195,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys {
             command: KeysCommand::Rotate,
         } => rotate_keys(settings, cli.json).await,
+        Command::Keys {
+            command: KeysCommand::RotateTokenKey,
+        } => {
+            let (appliance, _) = open(settings).await?;
+            let generation = glastonbury::auth::token_keys::rotate_token_key(
+                &appliance.database,
+                &appliance.vault,
+            )
+            .await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"token_key_generation": generation})
+                );
+            } else {
+                println!("access-token signing key generation {generation} is current");
+            }
+            appliance.close().await;
+            Ok(())
+        }
         Command::Patient { command } => patient(settings, command, cli.json).await,
         Command::Audit { command } => audit_cli::run(settings, command, cli.json).await,
         Command::Bench { records, postgres } => {
@@ -267,6 +294,7 @@ async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> any
         scopes,
         secret: _,
         jwks,
+        jwks_url,
     } = command;
     let role: Role = role.parse().map_err(anyhow::Error::msg)?;
     let scopes = scopes
@@ -274,6 +302,21 @@ async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> any
         .map(|text| text.parse::<Scope>())
         .collect::<Result<Vec<_>, _>>()?;
     let new_client = NewClient { name, role, scopes };
+    if let Some(url) = jwks_url {
+        glastonbury::auth::assertions::validate_jwks_url(&url).map_err(anyhow::Error::msg)?;
+        let (appliance, _) = open(settings).await?;
+        let client_id = appliance
+            .clients
+            .create_with_jwks_url(&new_client, &url)
+            .await?;
+        if json {
+            println!("{}", serde_json::json!({"client_id": client_id}));
+        } else {
+            println!("client_id: {client_id} (authenticates with private_key_jwt, keys at {url})");
+        }
+        appliance.close().await;
+        return Ok(());
+    }
     if let Some(path) = jwks {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;

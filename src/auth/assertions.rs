@@ -177,16 +177,84 @@ async fn remember_jti(
     Ok(())
 }
 
-/// The registered JWKS of a client, if it authenticates with private_key_jwt.
+/// Largest JWKS document fetched from a client's JWKS URL.
+const MAX_JWKS_BYTES: usize = 64 * 1024;
+/// How long a fetched JWKS is reused.
+const JWKS_URL_CACHE_SECONDS: u64 = 300;
+
+/// Keys fetched from clients' JWKS URLs, reused for a few minutes.
+#[derive(Debug, Default)]
+pub struct JwksCache {
+    entries: std::sync::Mutex<std::collections::HashMap<String, (JwkSet, std::time::Instant)>>,
+}
+
+/// Checks a client's JWKS URL: HTTPS, or HTTP on a loopback address only.
+pub fn validate_jwks_url(text: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(text).map_err(|error| format!("not a URL: {error}"))?;
+    let loopback = matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]"));
+    match url.scheme() {
+        "https" => Ok(url),
+        "http" if loopback => Ok(url),
+        _ => Err("a JWKS URL must use https (http only on loopback)".to_owned()),
+    }
+}
+
+/// The keys a client authenticates with: registered inline, or fetched from its JWKS URL.
 pub async fn registered_jwks(
     database: &Database,
+    cache: &JwksCache,
     client_id: &str,
 ) -> Result<Option<JwkSet>, StorageError> {
-    let row = sqlx::query("SELECT jwks FROM clients WHERE client_id = $1 AND disabled_at IS NULL")
-        .bind(client_id)
-        .fetch_optional(database.pool())
-        .await?;
+    let row = sqlx::query(
+        "SELECT jwks, jwks_url FROM clients WHERE client_id = $1 AND disabled_at IS NULL",
+    )
+    .bind(client_id)
+    .fetch_optional(database.pool())
+    .await?;
     let Some(row) = row else { return Ok(None) };
-    let text: Option<String> = row.try_get(0)?;
-    Ok(text.and_then(|text| serde_json::from_str(&text).ok()))
+    let inline: Option<String> = row.try_get(0)?;
+    if let Some(text) = inline {
+        return Ok(serde_json::from_str(&text).ok());
+    }
+    let url: Option<String> = row.try_get(1)?;
+    let Some(url) = url else { return Ok(None) };
+    Ok(fetch_jwks(cache, &url).await)
+}
+
+async fn fetch_jwks(cache: &JwksCache, url: &str) -> Option<JwkSet> {
+    {
+        let entries = cache
+            .entries
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if let Some((keys, fetched)) = entries.get(url)
+            && fetched.elapsed().as_secs() < JWKS_URL_CACHE_SECONDS
+        {
+            return Some(keys.clone());
+        }
+    }
+    validate_jwks_url(url).ok()?;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .ok()?;
+    let response = http.get(url).send().await.ok()?;
+    if !response.status().is_success() {
+        tracing::warn!(status = %response.status(), "client JWKS URL answered with an error");
+        return None;
+    }
+    let body = response.bytes().await.ok()?;
+    if body.len() > MAX_JWKS_BYTES {
+        return None;
+    }
+    let keys = validate_client_jwks(std::str::from_utf8(&body).ok()?)
+        .map_err(|reason| tracing::warn!(reason = %reason, "client JWKS URL serves unusable keys"))
+        .ok()?;
+    cache
+        .entries
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .insert(url.to_owned(), (keys.clone(), std::time::Instant::now()));
+    Some(keys)
 }

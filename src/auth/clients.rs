@@ -100,6 +100,33 @@ impl Clients {
         Ok(client_id)
     }
 
+    /// Registers a client that authenticates with `private_key_jwt` against the keys published
+    /// at `jwks_url` (checked with [`super::assertions::validate_jwks_url`] first).
+    pub async fn create_with_jwks_url(
+        &self,
+        client: &NewClient,
+        jwks_url: &str,
+    ) -> Result<String, StorageError> {
+        let client_id = uuid::Uuid::new_v4().to_string();
+        let scopes: Vec<&str> = client
+            .scopes
+            .iter()
+            .map(|scope| scope.text.as_str())
+            .collect();
+        sqlx::query(
+            "INSERT INTO clients (client_id, name, role, scopes, jwks_url, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&client_id)
+        .bind(&client.name)
+        .bind(client.role.as_str())
+        .bind(scopes.join(" "))
+        .bind(jwks_url)
+        .bind(now_micros())
+        .execute(self.database.pool())
+        .await?;
+        Ok(client_id)
+    }
+
     /// The registration of an enabled client, once it has authenticated by other means.
     pub async fn registration(
         &self,

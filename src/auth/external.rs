@@ -43,6 +43,8 @@ pub struct ExternalClaims {
     pub role: Option<String>,
     pub scope: String,
     pub token_id: Option<String>,
+    /// The `purpose_of_use` claim, when the provider states one.
+    pub purpose_of_use: Option<String>,
 }
 
 /// A discovered external issuer and its cached keys.
@@ -141,6 +143,7 @@ impl ExternalIssuer {
             role: role_from(&claims[self.role_claim.as_str()]),
             scope: scope_from(&claims),
             token_id: claims["jti"].as_str().map(str::to_owned),
+            purpose_of_use: claims["purpose_of_use"].as_str().map(str::to_owned),
         })
     }
 

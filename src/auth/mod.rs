@@ -5,6 +5,7 @@ pub mod assertions;
 pub mod clients;
 pub mod external;
 pub mod outbound;
+pub mod token_keys;
 pub mod tokens;
 
 pub use clients::{ClientRegistration, Clients, NewClient};

@@ -47,10 +47,30 @@ pub struct AccessClaims {
     pub role: String,
 }
 
-/// Signs and verifies the appliance's access tokens.
-pub struct TokenIssuer {
+/// One signing key and its id (the first 8 bytes of SHA-256 of the public key, hex).
+struct TokenKey {
     signing_key: SigningKey,
     key_id: String,
+}
+
+impl TokenKey {
+    fn from_seed(seed: &[u8; 32]) -> Self {
+        let signing_key = SigningKey::from_bytes(seed);
+        let key_id =
+            hex::encode(&sha2::Sha256::digest_bytes(signing_key.verifying_key().as_bytes())[..8]);
+        Self {
+            signing_key,
+            key_id,
+        }
+    }
+}
+
+/// Signs and verifies the appliance's access tokens. Holds the current key and, after a
+/// rotation, the previous one: tokens it signed keep verifying (and its public key stays in the
+/// JWKS) until the next rotation, far longer than any token lives.
+pub struct TokenIssuer {
+    /// Newest first; the first signs.
+    keys: std::sync::RwLock<Vec<TokenKey>>,
     issuer: String,
     lifetime_seconds: i64,
 }
@@ -59,7 +79,7 @@ impl std::fmt::Debug for TokenIssuer {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
             .debug_struct("TokenIssuer")
-            .field("key_id", &self.key_id)
+            .field("key_ids", &self.key_ids())
             .field("issuer", &self.issuer)
             .finish()
     }
@@ -74,15 +94,38 @@ fn unix_now() -> i64 {
 
 impl TokenIssuer {
     pub fn new(seed: &[u8; 32], issuer: String, lifetime_seconds: u64) -> Self {
-        let signing_key = SigningKey::from_bytes(seed);
-        let key_id =
-            hex::encode(&sha2::Sha256::digest_bytes(signing_key.verifying_key().as_bytes())[..8]);
+        Self::with_keys(&[*seed], issuer, lifetime_seconds)
+    }
+
+    /// An issuer over several key seeds, newest (the signing one) first.
+    pub fn with_keys(seeds: &[[u8; 32]], issuer: String, lifetime_seconds: u64) -> Self {
         Self {
-            signing_key,
-            key_id,
+            keys: std::sync::RwLock::new(seeds.iter().map(TokenKey::from_seed).collect()),
             issuer,
             lifetime_seconds: i64::try_from(lifetime_seconds).unwrap_or(300),
         }
+    }
+
+    /// Swaps in a new key set (newest first) after a rotation; ignored when empty.
+    pub fn replace_keys(&self, seeds: &[[u8; 32]]) {
+        if seeds.is_empty() {
+            return;
+        }
+        let mut keys = self
+            .keys
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner());
+        *keys = seeds.iter().map(TokenKey::from_seed).collect();
+    }
+
+    /// The ids of the keys in use, newest first.
+    pub fn key_ids(&self) -> Vec<String> {
+        self.keys
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .iter()
+            .map(|key| key.key_id.clone())
+            .collect()
     }
 
     /// The issuer (and audience) of the tokens: the server's base URL.
@@ -108,14 +151,21 @@ impl TokenIssuer {
             scope: scope.to_owned(),
             role: role.to_owned(),
         };
+        let keys = self
+            .keys
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let Some(current) = keys.first() else {
+            return String::new();
+        };
         let header = Header {
             alg: "EdDSA".to_owned(),
             typ: "at+jwt".to_owned(),
-            kid: self.key_id.clone(),
+            kid: current.key_id.clone(),
         };
         let encode = |value: &dyn erased::Json| URL_SAFE_NO_PAD.encode(value.to_json());
         let signing_input = format!("{}.{}", encode(&header), encode(&claims));
-        let signature = self.signing_key.sign(signing_input.as_bytes());
+        let signature = current.signing_key.sign(signing_input.as_bytes());
         format!(
             "{signing_input}.{}",
             URL_SAFE_NO_PAD.encode(signature.to_bytes())
@@ -134,17 +184,23 @@ impl TokenIssuer {
         if header.alg != "EdDSA" {
             return Err(TokenError::AlgorithmNotAllowed);
         }
-        if !bool::from(header.kid.as_bytes().ct_eq(self.key_id.as_bytes())) {
-            return Err(TokenError::UnknownKey);
-        }
+        let verifying_key = {
+            let keys = self
+                .keys
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner());
+            keys.iter()
+                .find(|key| bool::from(header.kid.as_bytes().ct_eq(key.key_id.as_bytes())))
+                .map(|key| key.signing_key.verifying_key())
+                .ok_or(TokenError::UnknownKey)?
+        };
         let signature_bytes = URL_SAFE_NO_PAD
             .decode(signature_part)
             .map_err(|_| TokenError::Malformed)?;
         let signature =
             Signature::from_slice(&signature_bytes).map_err(|_| TokenError::Malformed)?;
         let signing_input = &token[..header_part.len() + 1 + claims_part.len()];
-        self.signing_key
-            .verifying_key()
+        verifying_key
             .verify(signing_input.as_bytes(), &signature)
             .map_err(|_| TokenError::BadSignature)?;
         let claims: AccessClaims = decode_part(claims_part)?;
@@ -163,17 +219,25 @@ impl TokenIssuer {
 
     /// The public key set served at `/auth/jwks`.
     pub fn jwks(&self) -> serde_json::Value {
-        let public: VerifyingKey = self.signing_key.verifying_key();
-        serde_json::json!({
-            "keys": [{
-                "kty": "OKP",
-                "crv": "Ed25519",
-                "alg": "EdDSA",
-                "use": "sig",
-                "kid": self.key_id,
-                "x": URL_SAFE_NO_PAD.encode(public.as_bytes()),
-            }]
-        })
+        let keys = self
+            .keys
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let published: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|key| {
+                let public: VerifyingKey = key.signing_key.verifying_key();
+                serde_json::json!({
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "alg": "EdDSA",
+                    "use": "sig",
+                    "kid": key.key_id,
+                    "x": URL_SAFE_NO_PAD.encode(public.as_bytes()),
+                })
+            })
+            .collect();
+        serde_json::json!({ "keys": published })
     }
 }
 

@@ -120,12 +120,14 @@ impl FromRequestParts<AppState> for Caller {
             .get("x-request-id")
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
+        // The header states the purpose of this request; otherwise the token's claim, if any.
         let purpose_of_use = parts
             .headers
             .get("x-purpose-of-use")
             .and_then(|value| value.to_str().ok())
-            .filter(|value| matches!(*value, "TREAT" | "ETREAT" | "HOPERAT" | "HRESCH"))
-            .map(str::to_owned);
+            .map(str::to_owned)
+            .or_else(|| claims.purpose_of_use.clone())
+            .filter(|value| matches!(value.as_str(), "TREAT" | "ETREAT" | "HOPERAT" | "HRESCH"));
         Ok(Caller(Arc::new(Principal {
             id: claims.sub,
             role,
@@ -163,6 +165,7 @@ struct VerifiedClaims {
     role: Option<String>,
     scope: String,
     token_id: Option<String>,
+    purpose_of_use: Option<String>,
 }
 
 /// Verifies our own tokens, or, when `oidc_issuer` is set and the token names it, the external
@@ -180,6 +183,7 @@ async fn verify_token(
             role: claims.role,
             scope: claims.scope,
             token_id: claims.token_id,
+            purpose_of_use: claims.purpose_of_use,
         });
     }
     let claims = state.appliance.tokens.verify(token)?;
@@ -188,6 +192,7 @@ async fn verify_token(
         role: Some(claims.role),
         scope: claims.scope,
         token_id: Some(claims.jti),
+        purpose_of_use: None,
     })
 }
 

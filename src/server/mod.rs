@@ -43,6 +43,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     pub throttle: Arc<Throttle>,
     pub console: Arc<console::ConsoleSessions>,
+    /// Keys fetched from clients' JWKS URLs.
+    pub jwks_cache: Arc<crate::auth::assertions::JwksCache>,
 }
 
 /// Rate limits and authentication back-off shared by every surface.
@@ -175,11 +177,13 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
         metrics: Arc::new(metrics::Metrics::new(appliance.records.break_glass_uses())),
         throttle: Arc::new(Throttle::new(appliance.settings.rate_limit_per_second)),
         console: Arc::new(console::ConsoleSessions::default()),
+        jwks_cache: Arc::new(crate::auth::assertions::JwksCache::default()),
     };
     let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let handle = axum_server::Handle::new();
     tokio::spawn(shutdown_on_signal(handle.clone()));
-    tokio::spawn(reload_policies_on_hangup(Arc::clone(&appliance.policies)));
+    tokio::spawn(reload_on_hangup(appliance.clone()));
+    tokio::spawn(reload_token_keys_periodically(appliance.clone()));
     let listener = std::net::TcpListener::bind(address)
         .map_err(|source| ServeError::Listen { address, source })?;
     listener
@@ -224,15 +228,36 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Reloads the Cedar policies on SIGHUP; a set that fails to load is refused, the old one stays.
-async fn reload_policies_on_hangup(policies: Arc<crate::access::PolicyStore>) {
+/// How often a server looks for a token key rotated by another process.
+const TOKEN_KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
+async fn reload_token_keys_periodically(appliance: Appliance) {
+    let mut ticker = tokio::time::interval(TOKEN_KEY_RELOAD_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(error) = appliance.reload_token_keys().await {
+            tracing::error!(error = %error, "token signing keys not reloaded");
+        }
+    }
+}
+
+/// On SIGHUP: reloads the Cedar policies (a set that fails to load is refused and the old one
+/// stays) and the token signing keys.
+async fn reload_on_hangup(appliance: Appliance) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hangup) = signal(SignalKind::hangup()) else {
         tracing::error!("cannot install the SIGHUP handler; policies load only at start");
         return;
     };
     while hangup.recv().await.is_some() {
-        match policies.reload() {
+        match appliance.reload_token_keys().await {
+            Ok(()) => {
+                tracing::info!(keys = ?appliance.tokens.key_ids(), "token signing keys reloaded")
+            }
+            Err(error) => tracing::error!(error = %error, "token signing keys not reloaded"),
+        }
+        match appliance.policies.reload() {
             Ok(count) => tracing::info!(policies = count, "policies reloaded"),
             Err(error) => {
                 tracing::error!(error = %error, "policies not reloaded; the previous set stays in force");

@@ -186,7 +186,7 @@ async fn authenticate_client(
         {
             return Err(ClientFailure::Throttled(wait));
         }
-        let jwks = registered_jwks(&appliance.database, &client_id)
+        let jwks = registered_jwks(&appliance.database, &state.jwks_cache, &client_id)
             .await
             .map_err(|error| ClientFailure::Unavailable(error.to_string()))?
             .ok_or_else(|| refused(&client_id, "no such client with registered keys"))?;

@@ -301,10 +301,18 @@ impl Vault {
         Self::load_or_create_secret(&self.database, &master, &name).await
     }
 
-    /// The secret seed of the access-token signer (created on first use).
-    pub async fn token_signing_seed(&self) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+    /// The secret seed of one generation (1, 2, …) of the access-token signer, created on
+    /// first use.
+    pub async fn token_signing_seed(
+        &self,
+        generation: u32,
+    ) -> Result<Zeroizing<[u8; 32]>, VaultError> {
         let master = self.current_master();
-        Self::load_or_create_secret(&self.database, &master, TOKEN_SIGNING_SECRET).await
+        let name = match generation {
+            0 | 1 => TOKEN_SIGNING_SECRET.to_owned(),
+            later => format!("{TOKEN_SIGNING_SECRET}-{later}"),
+        };
+        Self::load_or_create_secret(&self.database, &master, &name).await
     }
 
     pub fn protector(&self) -> &dyn MasterKeyProtector {

@@ -286,7 +286,7 @@ fn forged_and_misused_access_tokens_are_refused() {
             let (appliance, _) = glastonbury::appliance::Appliance::open(settings)
                 .await
                 .unwrap();
-            let seed = *appliance.vault.token_signing_seed().await.unwrap();
+            let seed = *appliance.vault.token_signing_seed(1).await.unwrap();
             appliance.close().await;
             seed
         })
@@ -823,4 +823,149 @@ fn python_fhirclient_reads_with_a_backend_services_token() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "Fhirclient");
+}
+
+#[test]
+fn token_signing_keys_rotate_with_overlap() {
+    let (_workspace, server, client) = start();
+    let before = server.token_for("clinician", &["system/*.cruds"]);
+    let rotated = server.command(&["keys", "rotate-token-key"]);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let pid = server.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !server.log().contains("token signing keys reloaded") {
+        assert!(std::time::Instant::now() < deadline, "keys not reloaded");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let jwks: Value = client
+        .get(format!("{}/auth/jwks", server.base_url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        jwks["keys"].as_array().unwrap().len(),
+        2,
+        "new and previous key published"
+    );
+    let after = server.token_for("clinician", &["system/*.cruds"]);
+    let kid = |token: &str| -> Value {
+        serde_json::from_slice::<Value>(
+            &URL_SAFE_NO_PAD
+                .decode(token.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap()["kid"]
+            .clone()
+    };
+    assert_ne!(
+        kid(&before),
+        kid(&after),
+        "new tokens are signed with the new key"
+    );
+    assert_eq!(jwks["keys"][0]["kid"], kid(&after));
+    for token in [&before, &after] {
+        assert_eq!(
+            fhir_status(&client, &server, token, "GET", "Patient/nobody", None),
+            404,
+            "tokens of both keys are accepted during the overlap"
+        );
+    }
+}
+
+/// Serves `body` as JSON to every request on a loopback port, counting requests.
+fn serve_json(body: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&served);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    (url, served)
+}
+
+#[test]
+fn backend_clients_may_publish_their_keys_at_a_jwks_url() {
+    let (_workspace, server, client) = start();
+    let (jwks_url, served) = serve_json(std::fs::read_to_string(fixture("jwks.json")).unwrap());
+    let refused = server.command(&[
+        "clients",
+        "create",
+        "--name",
+        "remote",
+        "--role",
+        "clinician",
+        "--jwks-url",
+        "http://keys.example.org/jwks.json",
+    ]);
+    assert!(
+        !refused.status.success(),
+        "plain http off the box is refused"
+    );
+    let output = server.command(&[
+        "clients",
+        "create",
+        "--name",
+        "remote",
+        "--role",
+        "clinician",
+        "--scope",
+        "system/*.rs",
+        "--jwks-url",
+        &jwks_url,
+        "--json",
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let client_id = serde_json::from_slice::<Value>(&output.stdout).unwrap()["client_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let audience = format!("{}/auth/token", server.base_url);
+    for _ in 0..2 {
+        let signed = assertion(
+            &client_id,
+            &AssertionShape {
+                algorithm: jsonwebtoken::Algorithm::RS384,
+                key_file: "rs384.pem",
+                kid: "backend-rs384",
+                audience: audience.clone(),
+                expires_in: 120,
+                jti: uuid::Uuid::new_v4().to_string(),
+            },
+        );
+        let (status, body) = token_request(&client, &server, &signed);
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        served.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the fetched keys are reused"
+    );
 }
