@@ -64,6 +64,8 @@ pub struct Appliance {
     pub tokens: Arc<TokenIssuer>,
     pub checkpoints: Arc<CheckpointService>,
     pub policies: Arc<PolicyStore>,
+    /// When token keys were last reloaded because a token named an unknown key.
+    pub token_key_reload: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// The hospital's OpenID provider, when `oidc_issuer` is set.
     pub external_issuer: Option<Arc<crate::auth::external::ExternalIssuer>>,
 }
@@ -138,6 +140,7 @@ impl Appliance {
             tokens,
             checkpoints,
             policies,
+            token_key_reload: Arc::new(std::sync::Mutex::new(None)),
             external_issuer,
         };
         Ok((
@@ -147,6 +150,24 @@ impl Appliance {
                 first_admin,
             },
         ))
+    }
+
+    /// Re-reads the token keys when a token names an unknown key, at most every 5 seconds (a
+    /// key rotated by another replica is picked up at once, forged kids cause no storm).
+    pub async fn reload_token_keys_if_due(&self) {
+        {
+            let mut last = self
+                .token_key_reload
+                .lock()
+                .unwrap_or_else(|poison| poison.into_inner());
+            if last.is_some_and(|at| at.elapsed() < std::time::Duration::from_secs(5)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        if let Err(error) = self.reload_token_keys().await {
+            tracing::error!(error = %error, "token signing keys not reloaded");
+        }
     }
 
     /// Re-reads the token signing keys (after `keys rotate-token-key` in another process).

@@ -244,9 +244,19 @@ async fn fetch_jwks(cache: &JwksCache, url: &str) -> Option<JwkSet> {
         tracing::warn!(status = %response.status(), "client JWKS URL answered with an error");
         return None;
     }
-    let body = response.bytes().await.ok()?;
-    if body.len() > MAX_JWKS_BYTES {
+    if response
+        .content_length()
+        .is_some_and(|length| length > MAX_JWKS_BYTES as u64)
+    {
         return None;
+    }
+    let mut response = response;
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.ok()? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_JWKS_BYTES {
+            return None;
+        }
     }
     let keys = validate_client_jwks(std::str::from_utf8(&body).ok()?)
         .map_err(|reason| tracing::warn!(reason = %reason, "client JWKS URL serves unusable keys"))

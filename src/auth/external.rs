@@ -199,11 +199,20 @@ impl ExternalIssuer {
                 return Err(TokenError::UnknownKey);
             }
         }
+        // One refresh at a time, and the attempt (not only a success) starts the interval, so
+        // forged kids cannot make us hammer a provider that is down.
+        let mut keys = self.keys.write().await;
+        if let Some(jwk) = keys.0.find(kid) {
+            return DecodingKey::from_jwk(jwk).map_err(|_| TokenError::UnknownKey);
+        }
+        if keys.1.elapsed() < REFRESH_AT_MOST_EVERY {
+            return Err(TokenError::UnknownKey);
+        }
+        keys.1 = Instant::now();
         let fresh: JwkSet = fetch_json(&self.http, &self.jwks_uri)
             .await
             .map_err(|_| TokenError::UnknownKey)?;
-        let mut keys = self.keys.write().await;
-        *keys = (fresh, Instant::now());
+        keys.0 = fresh;
         let jwk = keys.0.find(kid).ok_or(TokenError::UnknownKey)?;
         DecodingKey::from_jwk(jwk).map_err(|_| TokenError::UnknownKey)
     }

@@ -91,7 +91,11 @@ impl OutboundTokenSource {
             return Ok(token.clone());
         }
         let (token, lifetime) = self.request_token().await?;
-        *cached = Some((token.clone(), Instant::now() + lifetime));
+        let lifetime = lifetime.min(Duration::from_secs(86_400));
+        let expires = Instant::now()
+            .checked_add(lifetime)
+            .unwrap_or_else(Instant::now);
+        *cached = Some((token.clone(), expires));
         Ok(token)
     }
 

@@ -231,9 +231,32 @@ impl CheckpointService {
         if range.size() == 0 {
             return Ok(None);
         }
-        self.sign_range(&mut connection, &keys, &range)
+        self.sign_current(&mut connection, &keys)
             .await
-            .map(Some)
+            .map(|(_, checkpoint)| Some(checkpoint))
+    }
+
+    /// Signs a checkpoint of the tree as it is now. When another signer (timer, export, replica)
+    /// certified a larger tree between our read of the head and our check, the head is read
+    /// again rather than mistaking the race for rewritten history.
+    pub async fn sign_current(
+        &self,
+        connection: &mut AnyConnection,
+        keys: &SigningKeys,
+    ) -> Result<(CompactRange, StoredCheckpoint), JournalError> {
+        const ATTEMPTS: usize = 3;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let range = store::read_head(connection).await?;
+            match self.sign_range(connection, keys, &range).await {
+                Err(JournalError::Inconsistent {
+                    checkpoint_size,
+                    size,
+                }) if checkpoint_size > size && attempt < ATTEMPTS => continue,
+                other => return other.map(|checkpoint| (range, checkpoint)),
+            }
+        }
     }
 
     /// Signs (and stores) a checkpoint of exactly `range`, after checking it extends the

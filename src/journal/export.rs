@@ -54,10 +54,7 @@ pub async fn build_verified_export(
         .acquire()
         .await
         .map_err(JournalError::from)?;
-    let range = store::read_head(&mut connection).await?;
-    checkpoints
-        .sign_range(&mut connection, &keys, &range)
-        .await?;
+    let (range, _) = checkpoints.sign_current(&mut connection, &keys).await?;
     if let Some(index) = store::first_missing_leaf(&mut connection, range.size()).await? {
         return Err(ExportError::MissingEntry { index });
     }

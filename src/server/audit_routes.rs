@@ -77,6 +77,9 @@ async fn compliance_officer(
             return Err(Unauthenticated::Throttled(wait).into_response());
         }
         Err(Unauthenticated::Refused(_)) => return Err(unauthenticated()),
+        Err(Unauthenticated::BadPurpose) => {
+            return Err(Unauthenticated::BadPurpose.into_response());
+        }
     };
     match state
         .appliance

@@ -22,6 +22,8 @@ pub struct Caller(pub Arc<Principal>);
 pub enum Unauthenticated {
     Refused(&'static str),
     Throttled(Duration),
+    /// An unknown purpose of use (400).
+    BadPurpose,
 }
 
 impl IntoResponse for Unauthenticated {
@@ -33,6 +35,12 @@ impl IntoResponse for Unauthenticated {
                 "throttled",
                 "too many requests; retry later",
                 Some(wait.as_secs().max(1)),
+            ),
+            Self::BadPurpose => (
+                StatusCode::BAD_REQUEST,
+                "value",
+                "X-Purpose-Of-Use must be TREAT, ETREAT, HOPERAT or HRESCH",
+                None,
             ),
         };
         let outcome = serde_json::json!({
@@ -76,16 +84,27 @@ impl FromRequestParts<AppState> for Caller {
             "address:{}",
             network_address.as_deref().unwrap_or("unknown")
         );
-        if let Some(wait) = state.throttle.failures.blocked_for(&address_key) {
-            return Err(Unauthenticated::Throttled(wait));
-        }
-        let token = bearer_token(parts).ok_or(Unauthenticated::Refused(
-            "a bearer access token is required",
-        ))?;
-        let claims = match verify_token(state, token).await {
+        // A valid token always works; only failing attempts meet the back-off (so a client
+        // sharing an address with a misbehaving one, e.g. behind NAT, is not locked out).
+        let claims = match bearer_token(parts) {
+            None => Err(crate::auth::TokenError::Malformed),
+            Some(token) => verify_token(state, token).await,
+        };
+        let claims = match claims {
             Ok(claims) => claims,
             Err(error) => {
-                state.throttle.failures.record_failure(&address_key);
+                if let Some(wait) = state.throttle.failures.blocked_for(&address_key) {
+                    return Err(Unauthenticated::Throttled(wait));
+                }
+                if bearer_token(parts).is_none() {
+                    return Err(Unauthenticated::Refused(
+                        "a bearer access token is required",
+                    ));
+                }
+                // An expired token is an honest client's normal life, not an attack.
+                if error != crate::auth::TokenError::Expired {
+                    state.throttle.failures.record_failure(&address_key);
+                }
                 let reason = format!("access token refused: {error}");
                 if let Err(journal_error) = state
                     .appliance
@@ -120,14 +139,7 @@ impl FromRequestParts<AppState> for Caller {
             .get("x-request-id")
             .and_then(|value| value.to_str().ok())
             .map(str::to_owned);
-        // The header states the purpose of this request; otherwise the token's claim, if any.
-        let purpose_of_use = parts
-            .headers
-            .get("x-purpose-of-use")
-            .and_then(|value| value.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| claims.purpose_of_use.clone())
-            .filter(|value| matches!(value.as_str(), "TREAT" | "ETREAT" | "HOPERAT" | "HRESCH"));
+        let purpose_of_use = purpose_of_use(parts, claims.purpose_of_use.as_deref())?;
         Ok(Caller(Arc::new(Principal {
             id: claims.sub,
             role,
@@ -143,6 +155,29 @@ impl FromRequestParts<AppState> for Caller {
             break_glass_reason: break_glass_reason(parts),
         })))
     }
+}
+
+/// The purposes of use the policies know.
+const PURPOSES: &[&str] = &["TREAT", "ETREAT", "HOPERAT", "HRESCH"];
+
+/// The purpose of use: a token's claim wins (the identity provider vouched for it and the
+/// caller may not change it); otherwise the `X-Purpose-Of-Use` header. An unknown value is
+/// refused rather than dropped, so it cannot fall back to "no stated purpose".
+fn purpose_of_use(parts: &Parts, claimed: Option<&str>) -> Result<Option<String>, Unauthenticated> {
+    if let Some(claimed) = claimed {
+        if !PURPOSES.contains(&claimed) {
+            return Err(Unauthenticated::BadPurpose);
+        }
+        return Ok(Some(claimed.to_owned()));
+    }
+    let Some(header) = parts.headers.get("x-purpose-of-use") else {
+        return Ok(None);
+    };
+    let value = header.to_str().map_err(|_| Unauthenticated::BadPurpose)?;
+    if !PURPOSES.contains(&value) {
+        return Err(Unauthenticated::BadPurpose);
+    }
+    Ok(Some(value.to_owned()))
 }
 
 /// The emergency-access reason of `X-Break-Glass-Reason`: one line, at most 500 characters.
@@ -186,7 +221,14 @@ async fn verify_token(
             purpose_of_use: claims.purpose_of_use,
         });
     }
-    let claims = state.appliance.tokens.verify(token)?;
+    let claims = match state.appliance.tokens.verify(token) {
+        Err(crate::auth::TokenError::UnknownKey) => {
+            // Another replica may have rotated the key already: reload (rate-limited), retry.
+            state.appliance.reload_token_keys_if_due().await;
+            state.appliance.tokens.verify(token)?
+        }
+        other => other?,
+    };
     Ok(VerifiedClaims {
         sub: claims.sub,
         role: Some(claims.role),

@@ -27,6 +27,11 @@ const LOGIN_COOKIE: &str = "glastonbury_login";
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(600);
 /// Session ids are replaced after this long, even while in use.
 const ROTATE_AFTER: Duration = Duration::from_secs(300);
+/// A session ends this long after sign-in however active it is (roles are re-checked at the
+/// provider by signing in again).
+const SESSION_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
+/// Sign-ins in progress kept at most; beyond it new ones are refused until old ones expire.
+const MAX_PENDING_LOGINS: usize = 10_000;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -49,6 +54,7 @@ struct PendingLogin {
 struct Session {
     subject: String,
     role: String,
+    signed_in: Instant,
     created: Instant,
     last_seen: Instant,
 }
@@ -123,7 +129,17 @@ async fn login(State(state): State<AppState>) -> Response {
             .pending
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        pending.retain(|_, login| login.started.elapsed() < LOGIN_TIMEOUT);
+        if pending.len() >= MAX_PENDING_LOGINS {
+            pending.retain(|_, login| login.started.elapsed() < LOGIN_TIMEOUT);
+        }
+        if pending.len() >= MAX_PENDING_LOGINS {
+            return Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "too many sign-ins in progress; try again in a few minutes".to_owned(),
+            )
+            .into_response();
+        }
         pending.insert(
             login_state.clone(),
             PendingLogin {
@@ -270,6 +286,7 @@ async fn callback(
             Session {
                 subject: subject.clone(),
                 role: role.clone(),
+                signed_in: now,
                 created: now,
                 last_seen: now,
             },
@@ -321,7 +338,9 @@ fn current_session(state: &AppState, headers: &HeaderMap) -> Option<(Session, Op
         .lock()
         .unwrap_or_else(|poison| poison.into_inner());
     let idle = idle_limit(state);
-    sessions.retain(|_, session| session.last_seen.elapsed() < idle);
+    sessions.retain(|_, session| {
+        session.last_seen.elapsed() < idle && session.signed_in.elapsed() < SESSION_MAX_AGE
+    });
     let mut session = sessions.remove(&key)?;
     session.last_seen = Instant::now();
     if session.created.elapsed() < ROTATE_AFTER {

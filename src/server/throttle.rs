@@ -58,6 +58,14 @@ impl FailureBackoff {
             blocked_until: None,
         });
         if now.duration_since(record.window_started) > FAILURE_WINDOW {
+            // A quiet window forgives: failures restart, and so does the block length once the
+            // last block is long over.
+            let quiet_since_block = record
+                .blocked_until
+                .is_none_or(|until| now.saturating_duration_since(until) > FAILURE_WINDOW);
+            if quiet_since_block {
+                record.blocks = 0;
+            }
             record.window_started = now;
             record.failures = 0;
         }
@@ -147,6 +155,19 @@ mod tests {
         assert!(backoff.blocked_for("client:b").is_none());
         backoff.record_success("client:a");
         assert!(backoff.blocked_for("client:a").is_none());
+    }
+
+    #[test]
+    fn block_lengths_grow_while_failures_continue() {
+        let backoff = FailureBackoff::default();
+        for _ in 0..10 {
+            backoff.record_failure("address:x");
+        }
+        let second_block = backoff.blocked_for("address:x").unwrap();
+        assert!(
+            second_block > Duration::from_millis(1500),
+            "{second_block:?}"
+        );
     }
 
     #[test]

@@ -65,18 +65,23 @@ async fn token(
     }
     let address = peer.ip().to_string();
     let address_key = format!("address:{address}");
-    if let Some(wait) = state.throttle.failures.blocked_for(&address_key) {
-        return throttled(wait);
-    }
+    // Valid credentials always work; the back-off meets failing attempts only (and then they
+    // are neither checked further nor journaled, which bounds what a flood can make us write).
     let client = match authenticate_client(&state, &headers, &request).await {
         Ok(client) => client,
         Err(ClientFailure::Refused { claimed_id, reason }) => {
-            tracing::warn!(client_id = %claimed_id, reason = %reason, "client authentication failed");
-            state.throttle.failures.record_failure(&address_key);
-            state
+            let client_key = format!("client:{claimed_id}");
+            let blocked = state
                 .throttle
                 .failures
-                .record_failure(&format!("client:{claimed_id}"));
+                .blocked_for(&address_key)
+                .or_else(|| state.throttle.failures.blocked_for(&client_key));
+            if let Some(wait) = blocked {
+                return throttled(wait);
+            }
+            tracing::warn!(client_id = %claimed_id, reason = %reason, "client authentication failed");
+            state.throttle.failures.record_failure(&address_key);
+            state.throttle.failures.record_failure(&client_key);
             journal_authentication(&state, &claimed_id, &address, None, Some(&reason)).await;
             return oauth_error(
                 StatusCode::UNAUTHORIZED,
@@ -84,7 +89,6 @@ async fn token(
                 "client authentication failed",
             );
         }
-        Err(ClientFailure::Throttled(wait)) => return throttled(wait),
         Err(ClientFailure::Unavailable(error)) => {
             tracing::error!(error = %error, "client lookup failed");
             return oauth_error(
@@ -141,7 +145,6 @@ async fn token(
 /// Why a client could not be authenticated.
 enum ClientFailure {
     Refused { claimed_id: String, reason: String },
-    Throttled(std::time::Duration),
     Unavailable(String),
 }
 
@@ -179,13 +182,6 @@ async fn authenticate_client(
                 "client_id differs from the assertion issuer",
             ));
         }
-        if let Some(wait) = state
-            .throttle
-            .failures
-            .blocked_for(&format!("client:{client_id}"))
-        {
-            return Err(ClientFailure::Throttled(wait));
-        }
         let jwks = registered_jwks(&appliance.database, &state.jwks_cache, &client_id)
             .await
             .map_err(|error| ClientFailure::Unavailable(error.to_string()))?
@@ -210,13 +206,6 @@ async fn authenticate_client(
     let Some((client_id, secret)) = basic_credentials(headers) else {
         return Err(refused("unknown", "no client credentials"));
     };
-    if let Some(wait) = state
-        .throttle
-        .failures
-        .blocked_for(&format!("client:{client_id}"))
-    {
-        return Err(ClientFailure::Throttled(wait));
-    }
     appliance
         .clients
         .authenticate(&client_id, &secret)

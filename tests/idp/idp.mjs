@@ -55,7 +55,10 @@ const provider = new Provider(issuer, {
   enabledJWA: {
     clientAuthSigningAlgValues: ['RS256', 'RS384', 'ES256', 'ES384', 'PS256'],
   },
-  extraTokenClaims: () => ({ roles: [role] }),
+  extraTokenClaims: () => ({
+    roles: [role],
+    ...(process.env.PURPOSE ? { purpose_of_use: process.env.PURPOSE } : {}),
+  }),
   claims: { openid: ['sub'], profile: ['name', 'roles'] },
   conformIdTokenClaims: false,
   findAccount: (ctx, id) => ({

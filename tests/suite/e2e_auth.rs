@@ -564,6 +564,47 @@ fn break_glass_is_allowed_flagged_and_counted() {
 }
 
 #[test]
+fn purpose_of_use_is_checked_and_decides() {
+    let (_workspace, server, client) = start();
+    let clinician = server.token_for("clinician", &["system/*.cruds"]);
+    let purpose = |value: &'static str| Some(("x-purpose-of-use", value));
+    assert_eq!(
+        fhir_status(
+            &client,
+            &server,
+            &clinician,
+            "GET",
+            "Patient/p",
+            purpose("TREAT")
+        ),
+        404
+    );
+    assert_eq!(
+        fhir_status(
+            &client,
+            &server,
+            &clinician,
+            "GET",
+            "Patient/p",
+            purpose("HRESCH")
+        ),
+        403
+    );
+    assert_eq!(
+        fhir_status(
+            &client,
+            &server,
+            &clinician,
+            "GET",
+            "Patient/p",
+            purpose("whatever")
+        ),
+        400,
+        "an unknown purpose is refused, not dropped"
+    );
+}
+
+#[test]
 fn policies_reload_on_sighup_and_a_bad_set_is_refused() {
     let workspace = tempfile::tempdir().unwrap();
     let policies = workspace.path().join("policies");

@@ -157,6 +157,34 @@ fn access_tokens_from_the_hospital_idp_are_validated_against_its_keys() {
 }
 
 #[test]
+fn a_purpose_of_use_vouched_for_by_the_idp_cannot_be_overridden() {
+    let idp = TestIdp::start(&[("PURPOSE", "HRESCH")]);
+    let workspace = tempfile::tempdir().unwrap();
+    let server = Server::start(
+        &workspace.path().join("data"),
+        &[
+            ("GLASTONBURY_OIDC_ISSUER", idp.issuer.as_str()),
+            ("GLASTONBURY_OIDC_AUDIENCE", AUDIENCE),
+        ],
+    );
+    let client = Client::new();
+    let token = idp.backend_token(&client, AUDIENCE);
+    for header in [None, Some("TREAT")] {
+        let mut request = client
+            .get(format!("{}/fhir/Patient/nobody", server.base_url))
+            .bearer_auth(&token);
+        if let Some(purpose) = header {
+            request = request.header("x-purpose-of-use", purpose);
+        }
+        assert_eq!(
+            request.send().unwrap().status().as_u16(),
+            403,
+            "research purpose from the IdP (header {header:?}) is not treatment"
+        );
+    }
+}
+
+#[test]
 fn idp_tokens_without_a_known_role_are_refused() {
     let idp = TestIdp::start(&[("ROLE", "visitor")]);
     let workspace = tempfile::tempdir().unwrap();
