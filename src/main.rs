@@ -60,6 +60,13 @@ enum Command {
         /// A file holding the client secret.
         #[arg(long)]
         secret_file: Option<PathBuf>,
+        /// Authenticate with private_key_jwt instead: the client's private key (PKCS#8 PEM,
+        /// RSA for RS384 or P-384 for ES384), whose public half the client registered.
+        #[arg(long, conflicts_with_all = ["secret", "secret_file"], requires = "kid", value_name = "PEM")]
+        key: Option<PathBuf>,
+        /// The `kid` of that key in the registered JWKS.
+        #[arg(long)]
+        kid: Option<String>,
         /// Space-separated scopes to ask for (default: all the client's scopes).
         #[arg(long)]
         scope: Option<String>,
@@ -187,10 +194,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Clients { command } => clients(settings, command, cli.json).await,
         Command::Token {
             client,
+            key: Some(key),
+            kid,
+            scope,
+            server,
+            ..
+        } => token_with_key(&settings, &client, &key, kid.as_deref(), scope, server).await,
+        Command::Token {
+            client,
             secret,
             secret_file,
             scope,
             server,
+            ..
         } => token(&settings, &client, secret, secret_file, scope, server).await,
         Command::Keys {
             command: KeysCommand::Rotate,
@@ -404,6 +420,73 @@ async fn token(
         .context("no access_token in the answer")?;
     println!("{token}");
     Ok(())
+}
+
+/// `token --key`: SMART Backend Services, signing a client assertion with the client's key.
+async fn token_with_key(
+    settings: &Settings,
+    client: &str,
+    key: &std::path::Path,
+    kid: Option<&str>,
+    scope: Option<String>,
+    server: Option<String>,
+) -> anyhow::Result<()> {
+    use glastonbury::auth::outbound::{OutboundCredential, OutboundTokenSource};
+    let pem = std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?;
+    let text = String::from_utf8_lossy(&pem);
+    let algorithm = if text.contains("BEGIN RSA PRIVATE KEY") || is_rsa_pkcs8(&pem) {
+        jsonwebtoken::Algorithm::RS384
+    } else {
+        jsonwebtoken::Algorithm::ES384
+    };
+    let base = server.unwrap_or_else(|| default_server_url(settings));
+    let token_url = format!("{}/auth/token", base.trim_end_matches('/'));
+    let scopes: Vec<&str> = scope
+        .as_deref()
+        .map(|text| text.split_whitespace().collect())
+        .unwrap_or_default();
+    let source = OutboundTokenSource::new(
+        &token_url,
+        client,
+        OutboundCredential::PrivateKey {
+            pem: secrecy::SecretBox::new(Box::new(pem)),
+            algorithm,
+            key_id: kid.unwrap_or_default().to_owned(),
+        },
+        &scopes,
+    )?;
+    let token = source
+        .access_token()
+        .await
+        .context("token request refused")?;
+    println!("{}", token.expose_secret());
+    Ok(())
+}
+
+/// Whether a PKCS#8 PEM holds an RSA key (its algorithm identifier is rsaEncryption).
+fn is_rsa_pkcs8(pem: &[u8]) -> bool {
+    use base64::Engine as _;
+    let text = String::from_utf8_lossy(pem);
+    let body: String = text
+        .lines()
+        .filter(|line| !line.starts_with("-----"))
+        .collect();
+    let Ok(der) = base64::engine::general_purpose::STANDARD.decode(body.trim()) else {
+        return false;
+    };
+    const RSA_ENCRYPTION_OID: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    der.windows(RSA_ENCRYPTION_OID.len())
+        .take(32)
+        .any(|window| window == RSA_ENCRYPTION_OID)
+}
+
+fn default_server_url(settings: &Settings) -> String {
+    let scheme = if settings.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{}", settings.http_addr)
 }
 
 async fn rotate_keys(settings: Settings, json: bool) -> anyhow::Result<()> {

@@ -1010,3 +1010,49 @@ fn backend_clients_may_publish_their_keys_at_a_jwks_url() {
         "the fetched keys are reused"
     );
 }
+
+#[test]
+fn the_token_command_signs_assertions_with_a_client_key() {
+    let (_workspace, server, client) = start();
+    let client_id = register_backend_client(&server);
+    for (key, kid) in [
+        ("rs384.pem", "backend-rs384"),
+        ("es384.pem", "backend-es384"),
+    ] {
+        let output = server.command(&[
+            "token",
+            "--client",
+            &client_id,
+            "--key",
+            fixture(key).to_str().unwrap(),
+            "--kid",
+            kid,
+            "--server",
+            &server.base_url,
+        ]);
+        assert!(
+            output.status.success(),
+            "{key}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+        assert_eq!(
+            fhir_status(&client, &server, &token, "GET", "Patient/nobody", None),
+            404,
+            "{key}"
+        );
+    }
+    let refused = server.command(&[
+        "token",
+        "--client",
+        &client_id,
+        "--key",
+        fixture("stranger-es384.pem").to_str().unwrap(),
+        "--kid",
+        "backend-es384",
+        "--server",
+        &server.base_url,
+    ]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).starts_with("error: token request refused"));
+}
