@@ -38,6 +38,13 @@ fn hash_secret(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
+/// How a client proves itself, as stored: never a secret, only its hash or public keys.
+enum StoredCredential<'a> {
+    SecretHash(Vec<u8>),
+    Jwks(&'a str),
+    JwksUrl(&'a str),
+}
+
 impl Clients {
     pub fn new(database: Database) -> Self {
         Self { database }
@@ -48,31 +55,15 @@ impl Clients {
         &self,
         client: &NewClient,
     ) -> Result<(String, SecretString), StorageError> {
-        let client_id = uuid::Uuid::new_v4().to_string();
         let mut bytes = zeroize::Zeroizing::new([0u8; 32]);
         rand::rngs::OsRng.fill_bytes(bytes.as_mut());
         // Hex, so a secret never starts with `-` and never needs quoting in a shell.
         let secret = SecretString::from(hex::encode(bytes.as_ref()));
-        let scopes: Vec<&str> = client
-            .scopes
-            .iter()
-            .map(|scope| scope.text.as_str())
-            .collect();
-        sqlx::query(
-            "INSERT INTO clients (client_id, name, role, scopes, secret_sha256, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&client_id)
-        .bind(&client.name)
-        .bind(client.role.as_str())
-        .bind(scopes.join(" "))
-        .bind(hash_secret(secret.expose_secret()))
-        .bind(now_micros())
-        .execute(self.database.pool())
-        .await?;
+        let credential = StoredCredential::SecretHash(hash_secret(secret.expose_secret()));
+        let client_id = self.insert(client, credential).await?;
         Ok((client_id, secret))
     }
 
-    /// Whether any client with this role exists (first start creates the first admin).
     /// Registers a client that authenticates with `private_key_jwt` against `jwks` (public keys
     /// only; validated by [`super::assertions::validate_client_jwks`] first).
     pub async fn create_with_jwks(
@@ -80,24 +71,7 @@ impl Clients {
         client: &NewClient,
         jwks: &str,
     ) -> Result<String, StorageError> {
-        let client_id = uuid::Uuid::new_v4().to_string();
-        let scopes: Vec<&str> = client
-            .scopes
-            .iter()
-            .map(|scope| scope.text.as_str())
-            .collect();
-        sqlx::query(
-            "INSERT INTO clients (client_id, name, role, scopes, jwks, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&client_id)
-        .bind(&client.name)
-        .bind(client.role.as_str())
-        .bind(scopes.join(" "))
-        .bind(jwks)
-        .bind(now_micros())
-        .execute(self.database.pool())
-        .await?;
-        Ok(client_id)
+        self.insert(client, StoredCredential::Jwks(jwks)).await
     }
 
     /// Registers a client that authenticates with `private_key_jwt` against the keys published
@@ -107,19 +81,36 @@ impl Clients {
         client: &NewClient,
         jwks_url: &str,
     ) -> Result<String, StorageError> {
+        self.insert(client, StoredCredential::JwksUrl(jwks_url))
+            .await
+    }
+
+    async fn insert(
+        &self,
+        client: &NewClient,
+        credential: StoredCredential<'_>,
+    ) -> Result<String, StorageError> {
         let client_id = uuid::Uuid::new_v4().to_string();
         let scopes: Vec<&str> = client
             .scopes
             .iter()
             .map(|scope| scope.text.as_str())
             .collect();
+        let (secret_sha256, jwks, jwks_url) = match credential {
+            StoredCredential::SecretHash(hash) => (Some(hash), None, None),
+            StoredCredential::Jwks(jwks) => (None, Some(jwks), None),
+            StoredCredential::JwksUrl(url) => (None, None, Some(url)),
+        };
         sqlx::query(
-            "INSERT INTO clients (client_id, name, role, scopes, jwks_url, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO clients (client_id, name, role, scopes, secret_sha256, jwks, jwks_url, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&client_id)
         .bind(&client.name)
         .bind(client.role.as_str())
         .bind(scopes.join(" "))
+        .bind(secret_sha256)
+        .bind(jwks)
         .bind(jwks_url)
         .bind(now_micros())
         .execute(self.database.pool())
@@ -155,6 +146,7 @@ impl Clients {
         }))
     }
 
+    /// Whether any client with this role exists (first start creates the first admin).
     pub async fn any_with_role(&self, role: Role) -> Result<bool, StorageError> {
         let row = sqlx::query("SELECT COUNT(*) FROM clients WHERE role = $1")
             .bind(role.as_str())

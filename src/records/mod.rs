@@ -213,12 +213,7 @@ impl Records {
                 .decided_by(&denied.decided_by)
                 .failed(Outcome::MinorFailure)
                 .because("forbidden");
-                self.writer
-                    .write(WriteUnit {
-                        rows: Vec::new(),
-                        audit: vec![draft],
-                    })
-                    .await?;
+                self.journal(draft).await?;
                 Err(RecordError::Denied(denied))
             }
         }
@@ -246,6 +241,12 @@ impl Records {
         if let Some(reason) = failure_reason {
             draft = draft.failed(Outcome::MinorFailure).because(reason);
         }
+        self.journal(draft).await?;
+        Ok(())
+    }
+
+    /// Writes one audit leaf on its own (an access that changed no record, or a denial).
+    async fn journal(&self, draft: AuditDraft) -> Result<(), RecordError> {
         self.writer
             .write(WriteUnit {
                 rows: Vec::new(),
@@ -281,12 +282,7 @@ impl Records {
             .decided_by(allowed.decided_by())
             .with_detail(sealed);
         draft.break_glass = true;
-        self.writer
-            .write(WriteUnit {
-                rows: Vec::new(),
-                audit: vec![draft],
-            })
-            .await?;
+        self.journal(draft).await?;
         Ok(())
     }
 
@@ -302,12 +298,7 @@ impl Records {
                     .decided_by(&denied.decided_by)
                     .failed(Outcome::MinorFailure)
                     .because("forbidden");
-                self.writer
-                    .write(WriteUnit {
-                        rows: Vec::new(),
-                        audit: vec![draft],
-                    })
-                    .await?;
+                self.journal(draft).await?;
                 Err(RecordError::Denied(denied))
             }
         }
@@ -335,12 +326,7 @@ impl Records {
         .decided_by(access.decided_by())
         .with_detail(sealed);
         draft.patient_ref = patient_ref.map(str::to_owned);
-        self.writer
-            .write(WriteUnit {
-                rows: Vec::new(),
-                audit: vec![draft],
-            })
-            .await?;
+        self.journal(draft).await?;
         Ok(())
     }
 
@@ -525,12 +511,7 @@ impl Records {
         if record.is_err() {
             draft = draft.failed(Outcome::SeriousFailure);
         }
-        self.writer
-            .write(WriteUnit {
-                rows: Vec::new(),
-                audit: vec![draft],
-            })
-            .await?;
+        self.journal(draft).await?;
         record
     }
 
@@ -568,12 +549,7 @@ impl Records {
         .decided_by(allowed.decided_by())
         .emergency(allowed.break_glass());
         draft.patient_ref = patient_ref;
-        self.writer
-            .write(WriteUnit {
-                rows: Vec::new(),
-                audit: vec![draft],
-            })
-            .await?;
+        self.journal(draft).await?;
         Ok(records)
     }
 
@@ -682,24 +658,14 @@ impl Records {
             .for_patient(&patient_ref);
         if principal.role != Role::Admin {
             let denied = draft.failed(Outcome::MinorFailure);
-            self.writer
-                .write(WriteUnit {
-                    rows: Vec::new(),
-                    audit: vec![denied],
-                })
-                .await?;
+            self.journal(denied).await?;
             return Err(RecordError::Denied(Denied {
                 reason: "only administrators may shred a patient".to_owned(),
                 decided_by: vec!["admin-only-key-operations".to_owned()],
             }));
         }
         let destroyed = self.vault.shred_patient(&patient_ref).await?;
-        self.writer
-            .write(WriteUnit {
-                rows: Vec::new(),
-                audit: vec![draft],
-            })
-            .await?;
+        self.journal(draft).await?;
         Ok(destroyed)
     }
 
@@ -719,12 +685,7 @@ impl Records {
         let draft = AuditDraft::by(principal, codes::EXPORT, "patient-key-export", 'E')
             .on("Patient", None)
             .for_patient(&patient_ref);
-        self.writer
-            .write(WriteUnit {
-                rows: Vec::new(),
-                audit: vec![draft],
-            })
-            .await?;
+        self.journal(draft).await?;
         Ok(self.vault.export_patient_identity(&patient_ref).await?)
     }
 

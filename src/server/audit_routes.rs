@@ -143,6 +143,22 @@ fn filter_from(
     })
 }
 
+/// Journals this use of the audit log (DCM 110101) before anything is read.
+async fn journal_use(
+    state: &AppState,
+    access: &AuditJournalAccess,
+    subtype: &str,
+    parameters: &HashMap<String, String>,
+    patient_ref: Option<&str>,
+) -> Result<(), Response> {
+    state
+        .appliance
+        .records
+        .journal_audit_log_used(access, subtype, &query_text(parameters), patient_ref)
+        .await
+        .map_err(|error| internal(&error))
+}
+
 fn query_text(parameters: &HashMap<String, String>) -> String {
     let mut pairs: Vec<_> = parameters.iter().collect();
     pairs.sort();
@@ -176,18 +192,16 @@ async fn query_entries(
         Some(Ok(limit)) if (1..=MAX_PAGE).contains(&limit) => limit,
         Some(_) => return bad_request("limit must be between 1 and 1000").into_response(),
     };
-    if let Err(error) = state
-        .appliance
-        .records
-        .journal_audit_log_used(
-            &access,
-            "query",
-            &query_text(&parameters),
-            filter.patient_ref.as_deref(),
-        )
-        .await
+    if let Err(response) = journal_use(
+        &state,
+        &access,
+        "query",
+        &parameters,
+        filter.patient_ref.as_deref(),
+    )
+    .await
     {
-        return internal(&error);
+        return response;
     }
     let vault = &state.appliance.vault;
     let leaves = match state.appliance.database.pool().acquire().await {
@@ -253,18 +267,16 @@ async fn disclosures_of_patient(
     };
     let include_tpo = parameters.get("all").is_some_and(|value| value == "true");
     let patient_ref = state.appliance.vault.patient_ref(Some(patient));
-    if let Err(error) = state
-        .appliance
-        .records
-        .journal_audit_log_used(
-            &access,
-            "disclosures",
-            &query_text(&parameters),
-            Some(&patient_ref),
-        )
-        .await
+    if let Err(response) = journal_use(
+        &state,
+        &access,
+        "disclosures",
+        &parameters,
+        Some(&patient_ref),
+    )
+    .await
     {
-        return internal(&error);
+        return response;
     }
     let result = match state.appliance.database.pool().acquire().await {
         Ok(mut connection) => {
@@ -295,18 +307,16 @@ async fn export(
     if !matches!(format, "json" | "fhir" | "csv") {
         return bad_request("format must be json, fhir or csv").into_response();
     }
-    if let Err(error) = state
-        .appliance
-        .records
-        .journal_audit_log_used(
-            &access,
-            "export",
-            &query_text(&parameters),
-            filter.patient_ref.as_deref(),
-        )
-        .await
+    if let Err(response) = journal_use(
+        &state,
+        &access,
+        "export",
+        &parameters,
+        filter.patient_ref.as_deref(),
+    )
+    .await
     {
-        return internal(&error);
+        return response;
     }
     let appliance = &state.appliance;
     let export = match build_verified_export(

@@ -19,7 +19,7 @@ use glastonbury_audit::{
     AuditEvent, Checkpoint, CompactRange, NoteSigner, leaf_hash, verify_export,
 };
 
-use crate::common::{EngineUnderTest, TestAppliance, clinician};
+use crate::common::{EngineUnderTest, TestAppliance, appliance_for, clinician};
 
 fn body(patient: &str, text: &str) -> RecordBody {
     RecordBody {
@@ -27,16 +27,6 @@ fn body(patient: &str, text: &str) -> RecordBody {
         content_type: "application/fhir+json".to_owned(),
         body: Bytes::from(text.to_owned()),
     }
-}
-
-fn appliance_for(engine: EngineUnderTest) -> Option<TestAppliance> {
-    let appliance = TestAppliance::new(engine);
-    if appliance.is_none() {
-        println!(
-            "notice: GLASTONBURY_TEST_DATABASE_URL is not set; skipping the PostgreSQL variant"
-        );
-    }
-    appliance
 }
 
 /// Writes `count` audited creates (and reads) for a few patients.

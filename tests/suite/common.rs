@@ -104,6 +104,18 @@ impl TestAppliance {
     }
 }
 
+/// A test appliance on `engine`, or `None` (with a printed notice) when that engine is not
+/// available here (PostgreSQL without `GLASTONBURY_TEST_DATABASE_URL`).
+pub fn appliance_for(engine: EngineUnderTest) -> Option<TestAppliance> {
+    let appliance = TestAppliance::new(engine);
+    if appliance.is_none() {
+        println!(
+            "notice: GLASTONBURY_TEST_DATABASE_URL is not set; skipping the PostgreSQL variant"
+        );
+    }
+    appliance
+}
+
 /// A clinician allowed everything clinical, for driving the record path directly.
 pub fn clinician() -> Arc<Principal> {
     Arc::new(Principal {

@@ -96,9 +96,8 @@ impl Drop for TestIdp {
     }
 }
 
-#[test]
-fn access_tokens_from_the_hospital_idp_are_validated_against_its_keys() {
-    let idp = TestIdp::start(&[]);
+/// An appliance that accepts the IdP's tokens for [`AUDIENCE`].
+fn server_trusting(idp: &TestIdp) -> (tempfile::TempDir, Server) {
     let workspace = tempfile::tempdir().unwrap();
     let server = Server::start(
         &workspace.path().join("data"),
@@ -107,6 +106,13 @@ fn access_tokens_from_the_hospital_idp_are_validated_against_its_keys() {
             ("GLASTONBURY_OIDC_AUDIENCE", AUDIENCE),
         ],
     );
+    (workspace, server)
+}
+
+#[test]
+fn access_tokens_from_the_hospital_idp_are_validated_against_its_keys() {
+    let idp = TestIdp::start(&[]);
+    let (_workspace, server) = server_trusting(&idp);
     let client = Client::new();
     let read = |token: &str| {
         client
@@ -159,14 +165,7 @@ fn access_tokens_from_the_hospital_idp_are_validated_against_its_keys() {
 #[test]
 fn a_purpose_of_use_vouched_for_by_the_idp_cannot_be_overridden() {
     let idp = TestIdp::start(&[("PURPOSE", "HRESCH")]);
-    let workspace = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        &workspace.path().join("data"),
-        &[
-            ("GLASTONBURY_OIDC_ISSUER", idp.issuer.as_str()),
-            ("GLASTONBURY_OIDC_AUDIENCE", AUDIENCE),
-        ],
-    );
+    let (_workspace, server) = server_trusting(&idp);
     let client = Client::new();
     let token = idp.backend_token(&client, AUDIENCE);
     for header in [None, Some("TREAT")] {
@@ -187,14 +186,7 @@ fn a_purpose_of_use_vouched_for_by_the_idp_cannot_be_overridden() {
 #[test]
 fn idp_tokens_without_a_known_role_are_refused() {
     let idp = TestIdp::start(&[("ROLE", "visitor")]);
-    let workspace = tempfile::tempdir().unwrap();
-    let server = Server::start(
-        &workspace.path().join("data"),
-        &[
-            ("GLASTONBURY_OIDC_ISSUER", idp.issuer.as_str()),
-            ("GLASTONBURY_OIDC_AUDIENCE", AUDIENCE),
-        ],
-    );
+    let (_workspace, server) = server_trusting(&idp);
     let client = Client::new();
     let token = idp.backend_token(&client, AUDIENCE);
     let status = client

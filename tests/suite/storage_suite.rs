@@ -9,7 +9,7 @@ use sqlx::Row;
 use glastonbury::access::{self, Principal, Role};
 use glastonbury::records::{Precondition, RecordBody, RecordError};
 
-use crate::common::{EngineUnderTest, TestAppliance, clinician};
+use crate::common::{EngineUnderTest, appliance_for, clinician};
 
 fn body(patient: Option<&str>, text: &str) -> RecordBody {
     RecordBody {
@@ -17,16 +17,6 @@ fn body(patient: Option<&str>, text: &str) -> RecordBody {
         content_type: "application/fhir+json".to_owned(),
         body: Bytes::from(text.to_owned()),
     }
-}
-
-fn appliance_for(engine: EngineUnderTest) -> Option<TestAppliance> {
-    let appliance = TestAppliance::new(engine);
-    if appliance.is_none() {
-        println!(
-            "notice: GLASTONBURY_TEST_DATABASE_URL is not set; skipping the PostgreSQL variant"
-        );
-    }
-    appliance
 }
 
 async fn journal_size(appliance: &glastonbury::appliance::Appliance) -> i64 {
