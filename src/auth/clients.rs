@@ -45,6 +45,28 @@ enum StoredCredential<'a> {
     JwksUrl(&'a str),
 }
 
+/// A registration from a row whose first three columns are name, role and scopes; `None` when
+/// the stored role is unknown (a client from a newer version is refused, not guessed at).
+fn registration_from_row(
+    client_id: &str,
+    row: &sqlx::any::AnyRow,
+) -> Result<Option<ClientRegistration>, StorageError> {
+    let role_text: String = row.try_get(1)?;
+    let scopes_text: String = row.try_get(2)?;
+    let Ok(role) = role_text.parse() else {
+        return Ok(None);
+    };
+    Ok(Some(ClientRegistration {
+        client_id: client_id.to_owned(),
+        name: row.try_get(0)?,
+        role,
+        scopes: scopes_text
+            .split_whitespace()
+            .filter_map(|text| text.parse().ok())
+            .collect(),
+    }))
+}
+
 impl Clients {
     pub fn new(database: Database) -> Self {
         Self { database }
@@ -130,20 +152,7 @@ impl Clients {
         .fetch_optional(self.database.pool())
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let role_text: String = row.try_get(1)?;
-        let scopes_text: String = row.try_get(2)?;
-        let Ok(role) = role_text.parse() else {
-            return Ok(None);
-        };
-        Ok(Some(ClientRegistration {
-            client_id: client_id.to_owned(),
-            name: row.try_get(0)?,
-            role,
-            scopes: scopes_text
-                .split_whitespace()
-                .filter_map(|text| text.parse().ok())
-                .collect(),
-        }))
+        registration_from_row(client_id, &row)
     }
 
     /// Whether any client with this role exists (first start creates the first admin).
@@ -179,19 +188,6 @@ impl Clients {
         if !matches {
             return Ok(None);
         }
-        let role_text: String = row.try_get(1)?;
-        let scopes_text: String = row.try_get(2)?;
-        let Ok(role) = role_text.parse() else {
-            return Ok(None);
-        };
-        Ok(Some(ClientRegistration {
-            client_id: client_id.to_owned(),
-            name: row.try_get(0)?,
-            role,
-            scopes: scopes_text
-                .split_whitespace()
-                .filter_map(|text| text.parse().ok())
-                .collect(),
-        }))
+        registration_from_row(client_id, &row)
     }
 }

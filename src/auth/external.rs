@@ -116,28 +116,7 @@ impl ExternalIssuer {
 
     /// Verifies an access token issued by this provider.
     pub async fn verify(&self, token: &str) -> Result<ExternalClaims, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if !ALLOWED_ALGORITHMS.contains(&header.alg) {
-            return Err(TokenError::AlgorithmNotAllowed);
-        }
-        let kid = header.kid.ok_or(TokenError::UnknownKey)?;
-        let key = self.key_for(&kid).await?;
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = LEEWAY_SECONDS;
-        validation.validate_nbf = true;
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-            .map_err(|error| match error.kind() {
-                jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-                jsonwebtoken::errors::ErrorKind::ImmatureSignature => TokenError::NotYetValid,
-                jsonwebtoken::errors::ErrorKind::InvalidIssuer
-                | jsonwebtoken::errors::ErrorKind::InvalidAudience => TokenError::WrongAudience,
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => TokenError::BadSignature,
-                _ => TokenError::Malformed,
-            })?
-            .claims;
+        let claims = self.decode_signed(token, &self.audience).await?;
         Ok(ExternalClaims {
             subject: claims["sub"].as_str().unwrap_or_default().to_owned(),
             role: role_from(&claims[self.role_claim.as_str()]),
@@ -160,20 +139,7 @@ impl ExternalIssuer {
         client_id: &str,
         nonce: &str,
     ) -> Result<serde_json::Value, TokenError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if !ALLOWED_ALGORITHMS.contains(&header.alg) {
-            return Err(TokenError::AlgorithmNotAllowed);
-        }
-        let kid = header.kid.ok_or(TokenError::UnknownKey)?;
-        let key = self.key_for(&kid).await?;
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = LEEWAY_SECONDS;
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[client_id]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        let claims = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation)
-            .map_err(|_| TokenError::BadSignature)?
-            .claims;
+        let claims = self.decode_signed(token, client_id).await?;
         let presented = claims["nonce"].as_str().unwrap_or_default();
         let matches: bool =
             subtle::ConstantTimeEq::ct_eq(presented.as_bytes(), nonce.as_bytes()).into();
@@ -186,6 +152,38 @@ impl ExternalIssuer {
     /// The role named by the configured role claim of `claims`.
     pub fn role_of(&self, claims: &serde_json::Value) -> Option<String> {
         role_from(&claims[self.role_claim.as_str()])
+    }
+
+    /// Checks a JWT from this provider: allowed algorithm, known key, signature, `iss`, `aud`
+    /// = `audience`, `exp` and `nbf`. Returns its claims.
+    async fn decode_signed(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<serde_json::Value, TokenError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
+        if !ALLOWED_ALGORITHMS.contains(&header.alg) {
+            return Err(TokenError::AlgorithmNotAllowed);
+        }
+        let kid = header.kid.ok_or(TokenError::UnknownKey)?;
+        let key = self.key_for(&kid).await?;
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
+        validation.set_issuer(&[&self.issuer]);
+        validation.set_audience(&[audience]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+        let decoded = jsonwebtoken::decode::<serde_json::Value>(token, &key, &validation).map_err(
+            |error| match error.kind() {
+                ErrorKind::ExpiredSignature => TokenError::Expired,
+                ErrorKind::ImmatureSignature => TokenError::NotYetValid,
+                ErrorKind::InvalidIssuer | ErrorKind::InvalidAudience => TokenError::WrongAudience,
+                ErrorKind::InvalidSignature => TokenError::BadSignature,
+                _ => TokenError::Malformed,
+            },
+        )?;
+        Ok(decoded.claims)
     }
 
     /// The key `kid`, refreshing the JWKS once if it is unknown (the provider rotated keys).
