@@ -180,15 +180,17 @@ async fn measure_records(
         let create = Arc::clone(&create);
         tasks.push(tokio::spawn(async move {
             for index in (worker..count).step_by(CONCURRENCY) {
-                let body = RecordBody {
-                    patient_id: Some(format!("patient-{}", index % 100)),
-                    content_type: "application/fhir+json".to_owned(),
-                    body: Bytes::from(format!(
-                        r#"{{"resourceType":"Observation","id":"obs-{index}","status":"final","subject":{{"reference":"Patient/patient-{}"}},"valueQuantity":{{"value":{index},"unit":"bpm"}}}}"#,
-                        index % 100
-                    )),
-                };
-                records.create(&create, &format!("obs-{index}"), body).await?;
+                let patient = format!("patient-{}", index % 100);
+                let observation = serde_json::json!({
+                    "resourceType": "Observation", "id": format!("obs-{index}"), "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                    "subject": {"reference": format!("Patient/{patient}")},
+                    "valueQuantity": {"value": index, "unit": "bpm"},
+                });
+                let body = RecordBody::fhir(Some(patient), "Observation", &observation);
+                records
+                    .create(&create, &format!("obs-{index}"), body)
+                    .await?;
             }
             anyhow::Ok(())
         }));
@@ -240,6 +242,7 @@ async fn measure_records(
             patient_id: None,
             content_type: "application/json".to_owned(),
             body: Bytes::from_static(b"{}"),
+            search_index: Vec::new(),
         };
         records
             .update(

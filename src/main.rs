@@ -89,6 +89,19 @@ enum Command {
         #[command(subcommand)]
         command: audit_cli::AuditCommand,
     },
+    /// Write a synthetic patient population as FHIR transaction Bundles (one file per patient),
+    /// for tests, demos and benchmarks. Deterministic: the same seed gives the same data.
+    Synth {
+        /// How many patients.
+        #[arg(long, default_value_t = 300)]
+        patients: usize,
+        /// The population's seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The folder to write `patient-NNNNNNN.json` files into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Measure vault and storage throughput and print the numbers.
     Bench {
         /// How many records each put/get measurement writes and reads.
@@ -233,11 +246,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Patient { command } => patient(settings, command, cli.json).await,
         Command::Audit { command } => audit_cli::run(settings, command, cli.json).await,
+        Command::Synth {
+            patients,
+            seed,
+            out,
+        } => write_synthetic_population(patients, seed, &out),
         Command::Bench { records, postgres } => {
             let postgres = postgres.or_else(|| std::env::var("GLASTONBURY_TEST_DATABASE_URL").ok());
             bench::run(records, postgres.as_deref(), cli.json).await
         }
     }
+}
+
+fn write_synthetic_population(
+    patients: usize,
+    seed: u64,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut resources = 0;
+    for index in 0..patients {
+        let patient = glastonbury_fhir::synthetic::synthetic_patient(seed, index);
+        resources += patient.resource_count;
+        let path = out.join(format!("patient-{index:07}.json"));
+        std::fs::write(&path, patient.bundle.to_string())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    eprintln!(
+        "{patients} patients, {resources} resources written to {}",
+        out.display()
+    );
+    Ok(())
 }
 
 async fn open(settings: Settings) -> anyhow::Result<(Appliance, Initialization)> {

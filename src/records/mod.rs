@@ -2,6 +2,8 @@
 //! calls to authorize, encrypt, store, read and audit records. Nothing else touches the database,
 //! the blob store, the keys or the journal.
 
+pub mod search;
+pub mod search_index;
 pub mod writer;
 
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub enum RecordError {
     Shredded,
     #[error("the stored payload is damaged and cannot be decrypted")]
     Damaged,
+    #[error("the search matches too many resources in a chained or _has parameter; narrow it")]
+    TooBroad,
     #[error("the record writer is not running")]
     Unavailable,
     #[error("audit leaf could not be made: {0}")]
@@ -99,6 +103,38 @@ pub struct RecordBody {
     pub patient_id: Option<String>,
     pub content_type: String,
     pub body: Bytes,
+    /// Search-parameter values of the body, in the clear; stored only as index rows (tokens).
+    pub search_index: Vec<glastonbury_fhir::extract::IndexEntry>,
+}
+
+impl RecordBody {
+    /// A FHIR resource to store: its JSON and its search-parameter values.
+    pub fn fhir(
+        patient_id: Option<String>,
+        resource_type: &str,
+        resource: &serde_json::Value,
+    ) -> Self {
+        Self {
+            patient_id,
+            content_type: "application/fhir+json".to_owned(),
+            body: Bytes::from(resource.to_string()),
+            search_index: glastonbury_fhir::extract::extract_index(resource_type, resource),
+        }
+    }
+}
+
+/// A write that is encrypted, indexed and audited but not yet committed.
+#[derive(Debug)]
+pub struct PreparedWrite {
+    key: RecordKey,
+    row: RowWrite,
+    draft: AuditDraft,
+}
+
+impl PreparedWrite {
+    pub fn key(&self) -> &RecordKey {
+        &self.key
+    }
 }
 
 /// Metadata of one stored version.
@@ -219,6 +255,20 @@ impl Records {
         }
     }
 
+    /// Whether `principal` may do `A` on `resource_type`, asked without journaling: for narrowing
+    /// a listing (system history, `$everything`) to what the caller may see anyway. Emergency
+    /// access never widens such a listing.
+    pub fn permitted<A: Action>(
+        &self,
+        principal: &Arc<Principal>,
+        resource_type: &str,
+    ) -> Option<Allowed<A>> {
+        self.authorizer
+            .decide::<A>(principal, resource_type)
+            .ok()
+            .filter(|allowed| !allowed.break_glass())
+    }
+
     /// Journals an authentication attempt (DCM 110114): a token issued, or a credential or
     /// access token refused and why (no secret or token text is ever recorded).
     pub async fn journal_authentication(
@@ -251,6 +301,17 @@ impl Records {
             .write(WriteUnit {
                 rows: Vec::new(),
                 audit: vec![draft],
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Writes several audit leaves on their own, in one unit.
+    async fn journal_many(&self, drafts: Vec<AuditDraft>) -> Result<(), RecordError> {
+        self.writer
+            .write(WriteUnit {
+                rows: Vec::new(),
+                audit: drafts,
             })
             .await?;
         Ok(())
@@ -371,7 +432,30 @@ impl Records {
         subtype: &str,
         action: char,
     ) -> Result<RecordVersion, RecordError> {
+        let prepared = self
+            .prepare_store(allowed, key, body, precondition, subtype, action)
+            .await?;
+        let mut written = self.commit(vec![prepared]).await?;
+        written.pop().ok_or(RecordError::Unavailable)
+    }
+
+    /// Encrypts a version and makes its row, index and audit leaf, ready to commit (alone or
+    /// with others, atomically, in a transaction Bundle).
+    pub async fn prepare_store<A: Action>(
+        &self,
+        allowed: &Allowed<A>,
+        key: RecordKey,
+        body: RecordBody,
+        precondition: Precondition,
+        subtype: &str,
+        action: char,
+    ) -> Result<PreparedWrite, RecordError> {
         let patient_ref = self.vault.patient_ref(body.patient_id.as_deref());
+        let index = search_index::index_rows(
+            self.vault.blind_index(),
+            &key.resource_type,
+            &body.search_index,
+        );
         let ciphertext = self
             .vault
             .encrypt_for_patient(&patient_ref, &body.body)
@@ -386,31 +470,78 @@ impl Records {
             inline_body,
             blob_key,
             precondition,
+            index,
         };
         let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, subtype, action)
             .on(&key.resource_type, Some(&key.resource_id))
             .for_patient(&patient_ref)
             .decided_by(allowed.decided_by())
             .emergency(allowed.break_glass());
-        let receipt = self
-            .writer
-            .write(WriteUnit {
-                rows: vec![row],
-                audit: vec![draft],
-            })
-            .await?;
-        let written = receipt.rows.first().ok_or(RecordError::Unavailable)?;
-        let meta = RecordVersion {
-            key,
-            version: written.version,
-            last_updated: written.last_updated,
-            deleted: false,
+        Ok(PreparedWrite { key, row, draft })
+    }
+
+    /// A deletion (tombstone version), ready to commit.
+    pub async fn prepare_delete(
+        &self,
+        allowed: &Allowed<access::Delete>,
+        resource_id: &str,
+        precondition: Precondition,
+    ) -> Result<PreparedWrite, RecordError> {
+        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        let head = self.head(&key).await?.ok_or(RecordError::NotFound)?;
+        let row = RowWrite {
+            resource_type: key.resource_type.clone(),
+            resource_id: key.resource_id.clone(),
+            patient_ref: head.patient_ref.clone(),
+            content_type: String::new(),
+            deleted: true,
+            inline_body: None,
+            blob_key: None,
+            precondition,
+            index: search_index::IndexRows::default(),
         };
-        let _ = self.stored_events.send(RecordStored {
-            meta: meta.clone(),
-            patient_ref,
-        });
-        Ok(meta)
+        let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, "delete", 'D')
+            .on(&key.resource_type, Some(&key.resource_id))
+            .for_patient(&head.patient_ref)
+            .decided_by(allowed.decided_by())
+            .emergency(allowed.break_glass());
+        Ok(PreparedWrite { key, row, draft })
+    }
+
+    /// Commits prepared writes atomically (all or none) with their audit leaves, then announces
+    /// each stored version. Versions come back in the order given.
+    pub async fn commit(
+        &self,
+        prepared: Vec<PreparedWrite>,
+    ) -> Result<Vec<RecordVersion>, RecordError> {
+        let mut keys = Vec::with_capacity(prepared.len());
+        let mut unit = WriteUnit::default();
+        for write in prepared {
+            keys.push((write.key, write.row.deleted, write.row.patient_ref.clone()));
+            unit.rows.push(write.row);
+            unit.audit.push(write.draft);
+        }
+        let receipt = self.writer.write(unit).await?;
+        if receipt.rows.len() != keys.len() {
+            return Err(RecordError::Unavailable);
+        }
+        let mut versions = Vec::with_capacity(keys.len());
+        for ((key, deleted, patient_ref), written) in keys.into_iter().zip(receipt.rows) {
+            let meta = RecordVersion {
+                key,
+                version: written.version,
+                last_updated: written.last_updated,
+                deleted,
+            };
+            if !deleted {
+                let _ = self.stored_events.send(RecordStored {
+                    meta: meta.clone(),
+                    patient_ref,
+                });
+            }
+            versions.push(meta);
+        }
+        Ok(versions)
     }
 
     /// Encrypted bodies above the inline limit go to the blob store first, durably, so the row
@@ -436,37 +567,11 @@ impl Records {
         resource_id: &str,
         precondition: Precondition,
     ) -> Result<RecordVersion, RecordError> {
-        let key = RecordKey::new(allowed.resource_type(), resource_id);
-        let head = self.head(&key).await?.ok_or(RecordError::NotFound)?;
-        let row = RowWrite {
-            resource_type: key.resource_type.clone(),
-            resource_id: key.resource_id.clone(),
-            patient_ref: head.patient_ref.clone(),
-            content_type: String::new(),
-            deleted: true,
-            inline_body: None,
-            blob_key: None,
-            precondition,
-        };
-        let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, "delete", 'D')
-            .on(&key.resource_type, Some(&key.resource_id))
-            .for_patient(&head.patient_ref)
-            .decided_by(allowed.decided_by())
-            .emergency(allowed.break_glass());
-        let receipt = self
-            .writer
-            .write(WriteUnit {
-                rows: vec![row],
-                audit: vec![draft],
-            })
+        let prepared = self
+            .prepare_delete(allowed, resource_id, precondition)
             .await?;
-        let written = receipt.rows.first().ok_or(RecordError::Unavailable)?;
-        Ok(RecordVersion {
-            key,
-            version: written.version,
-            last_updated: written.last_updated,
-            deleted: true,
-        })
+        let mut written = self.commit(vec![prepared]).await?;
+        written.pop().ok_or(RecordError::Unavailable)
     }
 
     /// Reads the current version.

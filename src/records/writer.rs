@@ -8,8 +8,10 @@ use sqlx::{AnyConnection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::RecordError;
+use super::search_index::IndexRows;
 use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
 use crate::storage::Database;
+use crate::storage::statement::{BindValue, Statement};
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -38,6 +40,8 @@ pub struct RowWrite {
     pub inline_body: Option<Vec<u8>>,
     pub blob_key: Option<String>,
     pub precondition: Precondition,
+    /// The search index of this version (replaces the previous version's); none for a deletion.
+    pub index: IndexRows,
 }
 
 /// An atomic unit of work: rows (all or none) plus the audit leaves that record them.
@@ -271,10 +275,116 @@ async fn write_row(
     .bind(last_updated)
     .execute(&mut *connection)
     .await?;
+    replace_index(connection, row).await?;
     Ok(WrittenRow {
         version,
         last_updated,
     })
+}
+
+/// Rows per multi-row INSERT of index entries (well under both engines' placeholder limits).
+const INDEX_ROWS_PER_INSERT: usize = 500;
+
+/// Replaces the record's search index with the new version's (removes it for a deletion).
+async fn replace_index(connection: &mut AnyConnection, row: &RowWrite) -> Result<(), RecordError> {
+    for table in ["search_tokens", "search_dates", "search_numbers"] {
+        let mut delete = Statement::new(&format!("DELETE FROM {table} WHERE resource_type = "));
+        delete
+            .bind_text(&row.resource_type)
+            .push(" AND resource_id = ")
+            .bind_text(&row.resource_id);
+        delete.execute(&mut *connection).await?;
+    }
+    if row.deleted {
+        return Ok(());
+    }
+    let owner = [
+        BindValue::Text(row.resource_type.clone()),
+        BindValue::Text(row.resource_id.clone()),
+    ];
+    let token_values: Vec<Vec<BindValue>> = row
+        .index
+        .tokens
+        .iter()
+        .map(|token| {
+            vec![
+                BindValue::Text(token.param.clone()),
+                BindValue::Text(token.token.clone()),
+            ]
+        })
+        .collect();
+    insert_many(
+        connection,
+        "search_tokens (resource_type, resource_id, param, token)",
+        &owner,
+        &token_values,
+    )
+    .await?;
+    let date_values: Vec<Vec<BindValue>> = row
+        .index
+        .dates
+        .iter()
+        .map(|date| {
+            vec![
+                BindValue::Text(date.param.clone()),
+                BindValue::Integer(date.low),
+                BindValue::Integer(date.high),
+            ]
+        })
+        .collect();
+    insert_many(
+        connection,
+        "search_dates (resource_type, resource_id, param, low, high)",
+        &owner,
+        &date_values,
+    )
+    .await?;
+    let number_values: Vec<Vec<BindValue>> = row
+        .index
+        .numbers
+        .iter()
+        .map(|number| {
+            vec![
+                BindValue::Text(number.param.clone()),
+                BindValue::Real(number.value),
+                number
+                    .unit
+                    .clone()
+                    .map_or(BindValue::NullText, BindValue::Text),
+            ]
+        })
+        .collect();
+    insert_many(
+        connection,
+        "search_numbers (resource_type, resource_id, param, value, unit)",
+        &owner,
+        &number_values,
+    )
+    .await?;
+    Ok(())
+}
+
+async fn insert_many(
+    connection: &mut AnyConnection,
+    table_and_columns: &str,
+    owner: &[BindValue],
+    rows: &[Vec<BindValue>],
+) -> Result<(), RecordError> {
+    for chunk in rows.chunks(INDEX_ROWS_PER_INSERT) {
+        let mut insert = Statement::new(&format!("INSERT INTO {table_and_columns} VALUES "));
+        for (position, values) in chunk.iter().enumerate() {
+            insert.push(if position == 0 { "(" } else { ", (" });
+            for (column, value) in owner.iter().chain(values).enumerate() {
+                if column > 0 {
+                    insert.push(", ");
+                }
+                insert.bind(value.clone());
+            }
+            insert.push(")");
+        }
+        insert.execute(&mut *connection).await?;
+    }
+    Ok(())
 }
 
 fn check_precondition(

@@ -4,7 +4,7 @@
 pub mod audit_routes;
 pub mod authenticate;
 pub mod console;
-pub mod fhir_routes;
+pub mod fhir;
 pub mod metrics;
 pub mod probes;
 pub mod problem;
@@ -79,7 +79,8 @@ pub fn router(state: AppState) -> Router {
     let routes = Router::new()
         .merge(probes::routes())
         .merge(token_routes::routes())
-        .nest("/fhir", fhir_routes::routes())
+        .nest("/fhir", fhir::routes(state.clone()))
+        .route("/fhir/", axum::routing::post(fhir::batch_or_transaction))
         .nest("/audit", audit_routes::routes())
         .nest("/console", console::routes())
         .fallback(problem::not_found)

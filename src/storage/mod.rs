@@ -2,6 +2,7 @@
 //! several replicas) through sqlx's `Any` driver, embedded migrations, and the blob store.
 
 pub mod blobs;
+pub mod statement;
 
 use std::str::FromStr;
 use std::time::Duration;

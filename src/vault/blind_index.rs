@@ -15,6 +15,10 @@ const TOKEN_BYTES: usize = 16;
 /// The longest prefix (in characters) that gets its own token; longer words still match exactly.
 pub const MAX_PREFIX_CHARACTERS: usize = 16;
 
+/// The longest substring of a word that gets its own `:contains` token. Longer searches look up
+/// every window of this length (all must be present).
+pub const CONTAINS_WINDOW: usize = 6;
+
 /// The HMAC key of the blind index. Wrapped by the master key like patient keys.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct BlindIndexKey(pub(crate) [u8; 32]);
@@ -38,6 +42,8 @@ enum TokenKind {
     Exact,
     WordPrefix,
     Pseudonym,
+    Verbatim,
+    Substring,
 }
 
 impl BlindIndex {
@@ -81,6 +87,51 @@ impl BlindIndex {
             .collect()
     }
 
+    /// The token of a value compared exactly as written (codes, identifiers, references, uris and
+    /// `:exact` strings): no normalization at all.
+    pub fn verbatim(&self, field: &str, value: &str) -> String {
+        self.token(TokenKind::Verbatim, field, value)
+    }
+
+    /// Tokens of every substring (up to [`CONTAINS_WINDOW`] characters) of every normalized word
+    /// of `value`, for `:contains`. Deduplicated.
+    pub fn substring_tokens(&self, field: &str, value: &str) -> Vec<String> {
+        let normalized = normalize(value);
+        let mut substrings: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        for word in normalized.split(' ') {
+            let characters: Vec<char> = word.chars().collect();
+            for start in 0..characters.len() {
+                let longest = CONTAINS_WINDOW.min(characters.len() - start);
+                for length in 1..=longest {
+                    substrings.insert(characters[start..start + length].iter().collect());
+                }
+            }
+        }
+        substrings
+            .iter()
+            .map(|substring| self.token(TokenKind::Substring, field, substring))
+            .collect()
+    }
+
+    /// The tokens a `:contains` search for `text` requires (all of them): each word of the search
+    /// itself, or, for a word longer than [`CONTAINS_WINDOW`], each of its windows.
+    pub fn substring_query(&self, field: &str, text: &str) -> Vec<String> {
+        let normalized = normalize(text);
+        let mut required = Vec::new();
+        for word in normalized.split(' ').filter(|word| !word.is_empty()) {
+            let characters: Vec<char> = word.chars().collect();
+            if characters.len() <= CONTAINS_WINDOW {
+                required.push(self.token(TokenKind::Substring, field, word));
+                continue;
+            }
+            for window in characters.windows(CONTAINS_WINDOW) {
+                let substring: String = window.iter().collect();
+                required.push(self.token(TokenKind::Substring, field, &substring));
+            }
+        }
+        required
+    }
+
     /// A stable pseudonym for an identifier (e.g. a patient id) that appears in keys and audit
     /// leaves instead of the identifier itself. Not normalized: identifiers are exact.
     pub fn pseudonym(&self, namespace: &str, identifier: &str) -> String {
@@ -96,6 +147,8 @@ impl BlindIndex {
             TokenKind::Exact => b"exact",
             TokenKind::WordPrefix => b"prefix",
             TokenKind::Pseudonym => b"pseudonym",
+            TokenKind::Verbatim => b"verbatim",
+            TokenKind::Substring => b"substring",
         };
         for part in [kind_tag, field.as_bytes(), normalized_value.as_bytes()] {
             mac.update(&(part.len() as u64).to_be_bytes());
@@ -145,6 +198,20 @@ mod tests {
         assert!(tokens.contains(&index().prefix_query("name", "smi")));
         assert!(tokens.contains(&index().prefix_query("name", "Jo")));
         assert!(!tokens.contains(&index().prefix_query("name", "mith")));
+    }
+
+    #[test]
+    fn contains_finds_any_part_of_a_word() {
+        let tokens = index().substring_tokens("name", "Maximilian Smith");
+        for query in ["xim", "MITH", "imilia", "maximilian"] {
+            let required = index().substring_query("name", query);
+            assert!(
+                required.iter().all(|token| tokens.contains(token)),
+                "{query}"
+            );
+        }
+        let required = index().substring_query("name", "mithx");
+        assert!(!required.iter().all(|token| tokens.contains(token)));
     }
 
     #[test]

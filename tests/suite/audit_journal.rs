@@ -26,6 +26,7 @@ fn body(patient: &str, text: &str) -> RecordBody {
         patient_id: Some(patient.to_owned()),
         content_type: "application/fhir+json".to_owned(),
         body: Bytes::from(text.to_owned()),
+        search_index: Vec::new(),
     }
 }
 

@@ -495,7 +495,7 @@ fn assert_markers_served(fhir: &Fhir, workload: &PhiWorkload) {
     }
 }
 
-fn assert_no_hits(hits: &[String]) {
+pub(crate) fn assert_no_hits(hits: &[String]) {
     assert!(
         hits.is_empty(),
         "PHI found in plaintext at rest or in logs:\n{}",
@@ -503,7 +503,7 @@ fn assert_no_hits(hits: &[String]) {
     );
 }
 
-fn pg_dump(url: &str) -> Vec<u8> {
+pub(crate) fn pg_dump(url: &str) -> Vec<u8> {
     let output = Command::new("/usr/bin/pg_dump")
         .arg(format!("--dbname={url}"))
         .output()

@@ -9,5 +9,6 @@ mod audit_journal;
 mod e2e_audit;
 mod e2e_auth;
 mod e2e_core;
+mod e2e_fhir;
 mod e2e_oidc;
 mod storage_suite;

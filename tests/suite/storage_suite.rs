@@ -16,6 +16,7 @@ fn body(patient: Option<&str>, text: &str) -> RecordBody {
         patient_id: patient.map(str::to_owned),
         content_type: "application/fhir+json".to_owned(),
         body: Bytes::from(text.to_owned()),
+        search_index: Vec::new(),
     }
 }
 
