@@ -45,13 +45,55 @@ pub async fn run(records: usize, postgres: Option<&str>, json: bool) -> anyhow::
     Ok(())
 }
 
+/// The FHIR server over HTTP at each population size (in patients), on SQLite and, when given,
+/// PostgreSQL. The per-client rate limit is lifted so the limiter is not what gets measured.
+pub async fn run_fhir(sizes: &[usize], postgres: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let directory = tempfile::tempdir()?;
+    let appliance = open_appliance_with(directory.path(), None, &fhir_bench_settings()?).await?;
+    crate::fhir_bench::run(appliance, "sqlite", sizes, json).await?;
+    if let Some(url) = postgres {
+        let database = TemporaryPostgres::create(url).await?;
+        let pg_directory = tempfile::tempdir()?;
+        let appliance = open_appliance_with(
+            pg_directory.path(),
+            Some(&database.url),
+            &fhir_bench_settings()?,
+        )
+        .await?;
+        crate::fhir_bench::run(appliance, "postgres", sizes, json).await?;
+        database.drop_database().await?;
+    }
+    Ok(())
+}
+
+fn fhir_bench_settings() -> anyhow::Result<Vec<(&'static str, String)>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    Ok(vec![
+        ("GLASTONBURY_HTTP_ADDR", format!("127.0.0.1:{port}")),
+        ("GLASTONBURY_RATE_LIMIT_PER_SECOND", "100000000".to_owned()),
+    ])
+}
+
 async fn open_appliance(
     data_dir: &std::path::Path,
     database_url: Option<&str>,
 ) -> anyhow::Result<Appliance> {
+    open_appliance_with(data_dir, database_url, &[]).await
+}
+
+async fn open_appliance_with(
+    data_dir: &std::path::Path,
+    database_url: Option<&str>,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<Appliance> {
     let mut environment = MapEnvironment::default()
         .with("GLASTONBURY_DATA_DIR", data_dir.display().to_string())
         .with("GLASTONBURY_LOG_FORMAT", "json");
+    for (name, value) in extra {
+        environment = environment.with(name, value.clone());
+    }
     if let Some(url) = database_url {
         environment = environment.with("GLASTONBURY_DATABASE_URL", url);
     }

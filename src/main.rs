@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 
 mod audit_cli;
 mod bench;
+mod fhir_bench;
 
 use glastonbury::access::{Principal, Role, Scope};
 use glastonbury::appliance::{Appliance, Initialization};
@@ -110,6 +111,10 @@ enum Command {
         /// Also measure PostgreSQL at this URL (default: $GLASTONBURY_TEST_DATABASE_URL).
         #[arg(long)]
         postgres: Option<String>,
+        /// Measure the FHIR server over HTTP instead, after loading this many synthetic patients
+        /// (about 16 resources each); several sizes, comma-separated, are measured in turn.
+        #[arg(long, value_delimiter = ',')]
+        fhir_patients: Vec<usize>,
     },
 }
 
@@ -251,8 +256,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             out,
         } => write_synthetic_population(patients, seed, &out),
-        Command::Bench { records, postgres } => {
+        Command::Bench {
+            records,
+            postgres,
+            fhir_patients,
+        } => {
             let postgres = postgres.or_else(|| std::env::var("GLASTONBURY_TEST_DATABASE_URL").ok());
+            if !fhir_patients.is_empty() {
+                return bench::run_fhir(&fhir_patients, postgres.as_deref(), cli.json).await;
+            }
             bench::run(records, postgres.as_deref(), cli.json).await
         }
     }

@@ -1182,7 +1182,7 @@ fn population_leaves_no_phi_at_rest(engine: Engine, patients: usize) {
     };
     let data_dir = fhir.workspace.path().join("data");
     let files = files_under(&data_dir);
-    assert!(files.len() >= 2, "the database and key files are scanned");
+    assert!(!files.is_empty(), "the data dir is scanned");
     let mut hits: Vec<String> = files
         .iter()
         .flat_map(|file| scan(&file.display().to_string(), &std::fs::read(file).unwrap()))
