@@ -89,7 +89,7 @@ pub enum Match {
         system: SystemMatch,
         code: Option<String>,
     },
-    /// `:text`: the display text starts with this.
+    /// `:text`: every word of this is a word of the code's display text.
     TokenText(String),
     /// A reference: `Type/id`, a bare id, or an absolute URL.
     Reference(String),

@@ -82,7 +82,7 @@ pub fn index_rows(blind: &BlindIndex, resource_type: &str, entries: &[IndexEntry
                 }
             }
             IndexValue::TokenText(text) => {
-                for token in blind.word_prefix_tokens(&field(resource_type, code, "text"), text) {
+                for token in blind.word_tokens(&field(resource_type, code, "text"), text) {
                     add_token(token);
                 }
             }
@@ -177,9 +177,7 @@ pub fn required_tokens(
             system,
             code: value,
         } => token_query(blind, resource_type, code, system, value.as_deref()),
-        Match::TokenText(text) => {
-            vec![blind.prefix_query(&field(resource_type, code, "text"), text)]
-        }
+        Match::TokenText(text) => blind.word_tokens(&field(resource_type, code, "text"), text),
         Match::Reference(reference) => {
             vec![blind.verbatim(&field(resource_type, code, "reference"), reference)]
         }

@@ -206,13 +206,16 @@ async fn apply_unit(
 ) -> Result<(UnitReceipt, Vec<PendingLeaf>), RecordError> {
     let mut rows = Vec::with_capacity(unit.rows.len());
     let mut audit = unit.audit.clone();
+    let mut index = PendingIndex::default();
     for (position, row) in unit.rows.iter().enumerate() {
         let written = write_row(connection, row).await?;
         if let Some(draft) = audit.get_mut(position) {
             draft.resource_version = Some(written.version);
         }
+        index.add(row);
         rows.push(written);
     }
+    index.insert(connection).await?;
     let recorded_at = crate::storage::now_micros();
     let leaves = audit
         .iter()
@@ -275,18 +278,94 @@ async fn write_row(
     .bind(last_updated)
     .execute(&mut *connection)
     .await?;
-    replace_index(connection, row).await?;
+    if current.is_some() {
+        remove_index(connection, row).await?;
+    }
     Ok(WrittenRow {
         version,
         last_updated,
     })
 }
 
-/// Rows per multi-row INSERT of index entries (well under both engines' placeholder limits).
-const INDEX_ROWS_PER_INSERT: usize = 500;
+/// Rows per multi-row INSERT of index entries. A fixed set of sizes keeps the number of distinct
+/// statements small, so the engines' prepared-statement caches hold all of them; the rows are
+/// split greedily into these sizes.
+const INDEX_INSERT_SIZES: [usize; 5] = [256, 64, 16, 4, 1];
 
-/// Replaces the record's search index with the new version's (removes it for a deletion).
-async fn replace_index(connection: &mut AnyConnection, row: &RowWrite) -> Result<(), RecordError> {
+/// The index rows of every record a unit writes, inserted together after the records.
+#[derive(Default)]
+struct PendingIndex {
+    tokens: Vec<Vec<BindValue>>,
+    dates: Vec<Vec<BindValue>>,
+    numbers: Vec<Vec<BindValue>>,
+}
+
+impl PendingIndex {
+    fn add(&mut self, row: &RowWrite) {
+        if row.deleted {
+            return;
+        }
+        let owner = || {
+            vec![
+                BindValue::Text(row.resource_type.clone()),
+                BindValue::Text(row.resource_id.clone()),
+            ]
+        };
+        for token in &row.index.tokens {
+            let mut values = owner();
+            values.extend([
+                BindValue::Text(token.param.clone()),
+                BindValue::Text(token.token.clone()),
+            ]);
+            self.tokens.push(values);
+        }
+        for date in &row.index.dates {
+            let mut values = owner();
+            values.extend([
+                BindValue::Text(date.param.clone()),
+                BindValue::Integer(date.low),
+                BindValue::Integer(date.high),
+            ]);
+            self.dates.push(values);
+        }
+        for number in &row.index.numbers {
+            let mut values = owner();
+            values.extend([
+                BindValue::Text(number.param.clone()),
+                BindValue::Real(number.value),
+                number
+                    .unit
+                    .clone()
+                    .map_or(BindValue::NullText, BindValue::Text),
+            ]);
+            self.numbers.push(values);
+        }
+    }
+
+    async fn insert(&self, connection: &mut AnyConnection) -> Result<(), RecordError> {
+        insert_many(
+            connection,
+            "search_tokens (resource_type, resource_id, param, token)",
+            &self.tokens,
+        )
+        .await?;
+        insert_many(
+            connection,
+            "search_dates (resource_type, resource_id, param, low, high)",
+            &self.dates,
+        )
+        .await?;
+        insert_many(
+            connection,
+            "search_numbers (resource_type, resource_id, param, value, unit)",
+            &self.numbers,
+        )
+        .await
+    }
+}
+
+/// Removes the index rows of a record's previous version.
+async fn remove_index(connection: &mut AnyConnection, row: &RowWrite) -> Result<(), RecordError> {
     for table in ["search_tokens", "search_dates", "search_numbers"] {
         let mut delete = Statement::new(&format!("DELETE FROM {table} WHERE resource_type = "));
         delete
@@ -295,86 +374,26 @@ async fn replace_index(connection: &mut AnyConnection, row: &RowWrite) -> Result
             .bind_text(&row.resource_id);
         delete.execute(&mut *connection).await?;
     }
-    if row.deleted {
-        return Ok(());
-    }
-    let owner = [
-        BindValue::Text(row.resource_type.clone()),
-        BindValue::Text(row.resource_id.clone()),
-    ];
-    let token_values: Vec<Vec<BindValue>> = row
-        .index
-        .tokens
-        .iter()
-        .map(|token| {
-            vec![
-                BindValue::Text(token.param.clone()),
-                BindValue::Text(token.token.clone()),
-            ]
-        })
-        .collect();
-    insert_many(
-        connection,
-        "search_tokens (resource_type, resource_id, param, token)",
-        &owner,
-        &token_values,
-    )
-    .await?;
-    let date_values: Vec<Vec<BindValue>> = row
-        .index
-        .dates
-        .iter()
-        .map(|date| {
-            vec![
-                BindValue::Text(date.param.clone()),
-                BindValue::Integer(date.low),
-                BindValue::Integer(date.high),
-            ]
-        })
-        .collect();
-    insert_many(
-        connection,
-        "search_dates (resource_type, resource_id, param, low, high)",
-        &owner,
-        &date_values,
-    )
-    .await?;
-    let number_values: Vec<Vec<BindValue>> = row
-        .index
-        .numbers
-        .iter()
-        .map(|number| {
-            vec![
-                BindValue::Text(number.param.clone()),
-                BindValue::Real(number.value),
-                number
-                    .unit
-                    .clone()
-                    .map_or(BindValue::NullText, BindValue::Text),
-            ]
-        })
-        .collect();
-    insert_many(
-        connection,
-        "search_numbers (resource_type, resource_id, param, value, unit)",
-        &owner,
-        &number_values,
-    )
-    .await?;
     Ok(())
 }
 
 async fn insert_many(
     connection: &mut AnyConnection,
     table_and_columns: &str,
-    owner: &[BindValue],
     rows: &[Vec<BindValue>],
 ) -> Result<(), RecordError> {
-    for chunk in rows.chunks(INDEX_ROWS_PER_INSERT) {
+    let mut remaining = rows;
+    while !remaining.is_empty() {
+        let size = INDEX_INSERT_SIZES
+            .into_iter()
+            .find(|size| *size <= remaining.len())
+            .unwrap_or(1);
+        let (chunk, rest) = remaining.split_at(size);
+        remaining = rest;
         let mut insert = Statement::new(&format!("INSERT INTO {table_and_columns} VALUES "));
         for (position, values) in chunk.iter().enumerate() {
             insert.push(if position == 0 { "(" } else { ", (" });
-            for (column, value) in owner.iter().chain(values).enumerate() {
+            for (column, value) in values.iter().enumerate() {
                 if column > 0 {
                     insert.push(", ");
                 }

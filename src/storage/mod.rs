@@ -184,7 +184,8 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool, StorageError> {
                 connection
                     .execute(
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 30000; \
-                         PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
+                         PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
+                         PRAGMA cache_size = -32768; PRAGMA mmap_size = 268435456; PRAGMA temp_store = MEMORY;",
                     )
                     .await?;
                 Ok(())

@@ -17,7 +17,7 @@ pub const MAX_PREFIX_CHARACTERS: usize = 16;
 
 /// The longest substring of a word that gets its own `:contains` token. Longer searches look up
 /// every window of this length (all must be present).
-pub const CONTAINS_WINDOW: usize = 6;
+pub const CONTAINS_WINDOW: usize = 4;
 
 /// The HMAC key of the blind index. Wrapped by the master key like patient keys.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
@@ -130,6 +130,21 @@ impl BlindIndex {
             }
         }
         required
+    }
+
+    /// Tokens of each normalized word of `value` (for `:text`, which matches whole words).
+    pub fn word_tokens(&self, field: &str, value: &str) -> Vec<String> {
+        let normalized = normalize(value);
+        let mut words: Vec<&str> = normalized
+            .split(|character: char| !character.is_alphanumeric())
+            .filter(|word| !word.is_empty())
+            .collect();
+        words.sort_unstable();
+        words.dedup();
+        words
+            .iter()
+            .map(|word| self.token(TokenKind::Exact, field, word))
+            .collect()
     }
 
     /// A stable pseudonym for an identifier (e.g. a patient id) that appears in keys and audit

@@ -516,7 +516,7 @@ async fn plan_entry(state: &AppState, caller: &Caller, entry: &Entry) -> Result<
                     }
                 }
             }
-            let id = uuid::Uuid::new_v4().to_string();
+            let id = super::new_resource_id();
             let resource = stored_form(resource, &id);
             Ok(Plan::Create {
                 resource_type,
@@ -555,7 +555,7 @@ async fn plan_entry(state: &AppState, caller: &Caller, entry: &Entry) -> Result<
                 body_id,
             ) {
                 ([], Some(body_id)) => body_id,
-                ([], None) => uuid::Uuid::new_v4().to_string(),
+                ([], None) => super::new_resource_id(),
                 ([existing], _) => existing.clone(),
                 _ => {
                     return Err(FhirError::new(

@@ -267,7 +267,7 @@ pub async fn create_resource(
             _ => return Err(several_match()),
         }
     }
-    let id = uuid::Uuid::new_v4().to_string();
+    let id = super::new_resource_id();
     let mut resource = stored_form(resource, &id);
     super::bundles::resolve_references(state, caller, &mut resource).await?;
     let records = &state.appliance.records;
@@ -338,7 +338,7 @@ pub async fn conditional_update_resource(
         .map(str::to_owned);
     let id = match (matches.as_slice(), body_id) {
         ([], Some(body_id)) => body_id,
-        ([], None) => uuid::Uuid::new_v4().to_string(),
+        ([], None) => super::new_resource_id(),
         ([existing], Some(body_id)) if *existing != body_id => {
             return Err(FhirError::invalid(
                 "the resource id does not match the resource the condition found",
