@@ -22,12 +22,37 @@ const LOADERS: usize = 8;
 /// How many times each search runs for its latency distribution.
 const SEARCH_ROUNDS: usize = 200;
 
-/// A running server and a token for it.
+/// A running server and a token for it (fetched again before each phase: tokens expire).
 struct Target {
+    origin: String,
     base: String,
+    client_id: String,
+    secret: secrecy::SecretString,
     token: String,
     client: reqwest::Client,
 }
+
+impl Target {
+    async fn refresh_token(&mut self) -> anyhow::Result<()> {
+        let answer: Value = self
+            .client
+            .post(format!("{}/auth/token", self.origin))
+            .basic_auth(&self.client_id, Some(self.secret.expose_secret()))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await?
+            .json()
+            .await?;
+        self.token = answer["access_token"]
+            .as_str()
+            .context("no access token")?
+            .to_owned();
+        Ok(())
+    }
+}
+
+/// Patients loaded between two token refreshes.
+const LOAD_CHUNK: usize = 500;
 
 pub async fn run(
     appliance: Appliance,
@@ -35,14 +60,25 @@ pub async fn run(
     sizes: &[usize],
     json_output: bool,
 ) -> anyhow::Result<()> {
-    let target = start(appliance).await?;
+    let mut target = start(appliance).await?;
     let mut loaded = 0;
     let mut patient_ids: Vec<String> = Vec::new();
     for &patients in sizes {
         let started = Instant::now();
-        let (new_ids, resources) = load(&target, loaded, patients).await?;
-        patient_ids.extend(new_ids);
+        let mut resources = 0;
+        for chunk_start in (loaded..patients).step_by(LOAD_CHUNK) {
+            target.refresh_token().await?;
+            let (new_ids, chunk_resources) = load(
+                &target,
+                chunk_start,
+                (chunk_start + LOAD_CHUNK).min(patients),
+            )
+            .await?;
+            patient_ids.extend(new_ids);
+            resources += chunk_resources;
+        }
         let seconds = started.elapsed().as_secs_f64();
+        target.refresh_token().await?;
         let bundles = patients - loaded;
         loaded = patients;
         let total_resources = total(&target, "Patient").await?
@@ -68,7 +104,9 @@ pub async fn run(
             "resources/s",
         );
         measure_creates(&target, &label, json_output).await?;
+        target.refresh_token().await?;
         measure_reads(&target, &label, &patient_ids, json_output).await?;
+        target.refresh_token().await?;
         measure_searches(&target, &label, &patient_ids, json_output).await?;
     }
     Ok(())
@@ -107,23 +145,16 @@ async fn start(appliance: Appliance) -> anyhow::Result<Target> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let answer: Value = client
-        .post(format!("{base}/auth/token"))
-        .basic_auth(&client_id, Some(secret.expose_secret()))
-        .form(&[("grant_type", "client_credentials")])
-        .send()
-        .await?
-        .json()
-        .await?;
-    let token = answer["access_token"]
-        .as_str()
-        .context("no access token")?
-        .to_owned();
-    Ok(Target {
+    let mut target = Target {
+        origin: base.clone(),
         base: format!("{base}/fhir"),
-        token,
+        client_id,
+        secret,
+        token: String::new(),
         client,
-    })
+    };
+    target.refresh_token().await?;
+    Ok(target)
 }
 
 /// Loads patients `from..to`; returns their Patient ids and how many resources were stored.

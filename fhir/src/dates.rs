@@ -65,7 +65,7 @@ pub fn parse_range(text: &str) -> Option<DateRange> {
         (Some(month), Some(day), None) => {
             let date = Date::from_calendar_date(year, Month::try_from(month).ok()?, day).ok()?;
             let start = date.midnight().assume_utc();
-            Some(between(start, start + time::Duration::DAY))
+            Some(range_from(start, time::Duration::DAY))
         }
         (Some(month), Some(day), Some(time_text)) => {
             let date = Date::from_calendar_date(year, Month::try_from(month).ok()?, day).ok()?;
@@ -112,7 +112,7 @@ fn parse_time_range(date: Date, text: &str) -> Option<DateRange> {
         (Some(_), None) => time::Duration::SECOND,
         (Some(_), Some(_)) => time::Duration::microseconds(1),
     };
-    Some(between(start, start + length))
+    Some(range_from(start, length))
 }
 
 fn split_offset(text: &str) -> Option<(&str, UtcOffset)> {
@@ -137,6 +137,18 @@ fn parse_digits<T: std::str::FromStr>(text: &str, length: usize) -> Option<T> {
         return None;
     }
     text.parse().ok()
+}
+
+/// `length` from `start`; a range that would end past the last representable instant (the last
+/// day of 9999, a common "no end") runs to the end of time instead.
+fn range_from(start: OffsetDateTime, length: time::Duration) -> DateRange {
+    match start.checked_add(length) {
+        Some(end) => between(start, end),
+        None => DateRange {
+            low: micros_of(start),
+            high: DateRange::UNBOUNDED.high,
+        },
+    }
 }
 
 fn between(start: OffsetDateTime, end_exclusive: OffsetDateTime) -> DateRange {

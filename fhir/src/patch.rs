@@ -14,16 +14,60 @@ pub enum PatchError {
     MissingPath(usize),
     #[error("operation {0}: test failed")]
     TestFailed(usize),
+    #[error("a patch may carry at most {MAX_OPERATIONS} operations")]
+    TooManyOperations,
+    #[error("operation {0}: the patched resource would be too large or too deeply nested")]
+    TooLarge(usize),
 }
+
+/// The most operations one patch may carry.
+pub const MAX_OPERATIONS: usize = 1000;
+/// The largest patched resource (serialized bytes) and the deepest nesting a patch may produce.
+pub const MAX_RESULT_BYTES: usize = 16 << 20;
+pub const MAX_DEPTH: usize = 100;
 
 /// Applies `patch` to a copy of `document` and returns the result.
 pub fn apply_patch(document: &Value, patch: &Value) -> Result<Value, PatchError> {
     let operations = patch.as_array().ok_or(PatchError::NotAnArray)?;
+    if operations.len() > MAX_OPERATIONS {
+        return Err(PatchError::TooManyOperations);
+    }
     let mut result = document.clone();
     for (position, operation) in operations.iter().enumerate() {
         apply_operation(&mut result, operation, position)?;
+        let grows = matches!(
+            operation.get("op").and_then(Value::as_str),
+            Some("add" | "copy" | "replace" | "move")
+        );
+        if grows
+            && (depth_exceeds(&result, MAX_DEPTH) || serialized_size(&result) > MAX_RESULT_BYTES)
+        {
+            return Err(PatchError::TooLarge(position));
+        }
     }
     Ok(result)
+}
+
+/// Whether `value` nests deeper than `limit` (checked without recursion).
+pub fn depth_exceeds(value: &Value, limit: usize) -> bool {
+    let mut pending = vec![(value, 0_usize)];
+    while let Some((current, depth)) = pending.pop() {
+        if depth > limit {
+            return true;
+        }
+        match current {
+            Value::Object(object) => {
+                pending.extend(object.values().map(|child| (child, depth + 1)))
+            }
+            Value::Array(items) => pending.extend(items.iter().map(|child| (child, depth + 1))),
+            _ => {}
+        }
+    }
+    false
+}
+
+fn serialized_size(value: &Value) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len())
 }
 
 fn apply_operation(
@@ -67,6 +111,7 @@ fn apply_operation(
             let moved = remove(document, &from, position)?;
             add(document, &path, moved, position)
         }
+        "copy" if operation.get("from").and_then(Value::as_str) == Some("") => Err(malformed()),
         "copy" => {
             let copied = resolve(document, &from()?)
                 .cloned()

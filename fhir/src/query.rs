@@ -10,6 +10,13 @@ use crate::search_parameters::{ParameterType, SearchParameter, SearchParameters}
 pub const DEFAULT_COUNT: usize = 50;
 pub const MAX_COUNT: usize = 1000;
 
+/// Limits that keep one search's cost bounded: criteria, alternatives per criterion (and `_id`
+/// values), `_include`/`_revinclude` parameters, and how deep `_offset` may page.
+pub const MAX_CRITERIA: usize = 50;
+pub const MAX_VALUES: usize = 500;
+pub const MAX_INCLUDES: usize = 10;
+pub const MAX_OFFSET: usize = 100_000;
+
 /// A request the server cannot run; answered with 400 and this (PHI-free) message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -189,6 +196,18 @@ pub fn parse_search(
             Parsed::Ignored(reason) => request.ignored.push(reason),
         }
     }
+    if request.criteria.len() > MAX_CRITERIA {
+        return Err(error(format!(
+            "a search may carry at most {MAX_CRITERIA} criteria"
+        )));
+    }
+    if request.includes.len() + request.revincludes.len() > MAX_INCLUDES {
+        return Err(error(format!(
+            "a search may carry at most {MAX_INCLUDES} _include and _revinclude parameters"
+        )));
+    }
+    request.includes.dedup();
+    request.revincludes.dedup();
     Ok(request)
 }
 
@@ -213,7 +232,11 @@ fn apply_control(
         "_offset" => {
             request.offset = value
                 .parse()
-                .map_err(|_| error("_offset must be a non-negative integer"))?;
+                .ok()
+                .filter(|offset| *offset <= MAX_OFFSET)
+                .ok_or_else(|| {
+                    error(format!("_offset must be an integer from 0 to {MAX_OFFSET}"))
+                })?;
         }
         "_sort" => {
             for key in value.split(',').filter(|key| !key.is_empty()) {
@@ -317,10 +340,12 @@ fn parse_criterion(
         None => (name, None),
     };
     if code == "_id" {
-        return Ok(Parsed::Criterion(Criterion::Id(split_values(value))));
+        return Ok(Parsed::Criterion(Criterion::Id(bounded_values(
+            code, value,
+        )?)));
     }
     if code == "_lastUpdated" {
-        let matches = split_values(value)
+        let matches = bounded_values(code, value)?
             .iter()
             .map(|text| parse_date_match(text))
             .collect::<Result<_, _>>()?;
@@ -359,10 +384,7 @@ fn parse_indexed(
         return Ok(criterion(false, Test::Missing(missing)));
     }
     let negated = modifier == Some("not");
-    let values = split_values(value);
-    if values.is_empty() {
-        return Err(error(format!("search parameter '{code}' has no value")));
-    }
+    let values = bounded_values(&code, value)?;
     let matches = values
         .iter()
         .map(|text| parse_match(parameter, modifier, text))
@@ -535,12 +557,15 @@ fn parse_number_match(text: &str) -> Result<NumberMatch, SearchError> {
         .filter(|value: &f64| value.is_finite())
         .ok_or_else(|| error("a number must be a decimal like 100 or 1.5e2"))?;
     let (mantissa, exponent) = match number.split_once(['e', 'E']) {
-        Some((mantissa, exponent)) => (mantissa, exponent.parse::<i32>().unwrap_or(0)),
+        Some((mantissa, exponent)) => (
+            mantissa,
+            exponent.parse::<i32>().unwrap_or(0).clamp(-300, 300),
+        ),
         None => (number, 0),
     };
     let decimals = mantissa
         .split_once('.')
-        .map_or(0, |(_, fraction)| fraction.len() as i32);
+        .map_or(0, |(_, fraction)| fraction.len().min(300) as i32);
     let half_step = 0.5 * 10_f64.powi(exponent - decimals);
     Ok(NumberMatch {
         prefix,
@@ -567,6 +592,20 @@ fn parse_quantity(text: &str) -> Result<Match, SearchError> {
         system,
         code,
     })
+}
+
+/// The alternatives of a parameter: at least one, at most [`MAX_VALUES`].
+fn bounded_values(code: &str, value: &str) -> Result<Vec<String>, SearchError> {
+    let values = split_values(value);
+    if values.is_empty() {
+        return Err(error(format!("search parameter '{code}' has no value")));
+    }
+    if values.len() > MAX_VALUES {
+        return Err(error(format!(
+            "search parameter '{code}' has more than {MAX_VALUES} values"
+        )));
+    }
+    Ok(values)
 }
 
 /// Splits on commas not escaped with a backslash; drops empty alternatives.
@@ -778,6 +817,9 @@ mod tests {
             ("Patient", "_include", "Observation:subject"),
             ("Patient", "organization.name.alias", "x"),
             ("Patient", "active:missing", "maybe"),
+            ("Patient", "_id", ""),
+            ("Patient", "_lastUpdated", ","),
+            ("Patient", "_offset", "100000000000000000000"),
         ];
         for (resource_type, name, value) in cases {
             assert!(

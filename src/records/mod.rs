@@ -41,7 +41,9 @@ pub enum RecordError {
     Shredded,
     #[error("the stored payload is damaged and cannot be decrypted")]
     Damaged,
-    #[error("the search matches too many resources in a chained or _has parameter; narrow it")]
+    #[error(
+        "the request matches too many resources (a chained or _has parameter, or $everything); narrow it"
+    )]
     TooBroad,
     #[error("the record writer is not running")]
     Unavailable,

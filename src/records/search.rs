@@ -21,7 +21,10 @@ use crate::storage::statement::Statement;
 
 /// The most resources a chained or `_has` inner search may match before the search is refused
 /// as too broad (its ids become an `IN` list).
-pub const MAX_INNER_MATCHES: usize = 10_000;
+pub const MAX_INNER_MATCHES: usize = 1_000;
+
+/// The most resources `$everything` returns in one answer (it is not paged yet).
+pub const MAX_COMPARTMENT: usize = 10_000;
 
 /// Sorts missing values after present ones in both directions.
 const LARGEST_INSTANT: i64 = i64::MAX / 2;
@@ -115,7 +118,11 @@ impl Records {
             .push(" AND resource_type IN ")
             .bind_text_list(resource_types.iter().map(String::as_str));
         statement.push(" ORDER BY resource_type, last_updated, resource_id");
+        statement.push(&format!(" LIMIT {}", MAX_COMPARTMENT + 1));
         let rows = statement.fetch_all(self.database.pool()).await?;
+        if rows.len() > MAX_COMPARTMENT {
+            return Err(RecordError::TooBroad);
+        }
         let mut by_type: std::collections::BTreeMap<String, Vec<String>> = Default::default();
         for row in rows {
             by_type

@@ -66,15 +66,13 @@ impl BlindIndex {
     /// Tokens for every prefix of every word of `value` (and of the whole value), so a search for
     /// the start of any word finds it. Deduplicated.
     pub fn word_prefix_tokens(&self, field: &str, value: &str) -> Vec<String> {
-        let normalized = normalize(value);
-        let mut prefixes: Vec<String> = Vec::new();
+        let normalized = bounded(normalize(value));
+        let mut prefixes: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         let mut add_prefixes_of = |text: &str| {
             let mut prefix = String::new();
             for character in text.chars().take(MAX_PREFIX_CHARACTERS) {
                 prefix.push(character);
-                if !prefixes.contains(&prefix) {
-                    prefixes.push(prefix.clone());
-                }
+                prefixes.insert(prefix.clone());
             }
         };
         add_prefixes_of(&normalized);
@@ -96,7 +94,7 @@ impl BlindIndex {
     /// Tokens of every substring (up to [`CONTAINS_WINDOW`] characters) of every normalized word
     /// of `value`, for `:contains`. Deduplicated.
     pub fn substring_tokens(&self, field: &str, value: &str) -> Vec<String> {
-        let normalized = normalize(value);
+        let normalized = bounded(normalize(value));
         let mut substrings: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for word in normalized.split(' ') {
             let characters: Vec<char> = word.chars().collect();
@@ -129,6 +127,8 @@ impl BlindIndex {
                 required.push(self.token(TokenKind::Substring, field, &substring));
             }
         }
+        required.sort_unstable();
+        required.dedup();
         required
     }
 
@@ -178,6 +178,17 @@ impl BlindIndex {
 #[cold]
 fn unreachable_hmac_key() -> ! {
     panic!("hmac-sha256 accepts keys of any length")
+}
+
+/// The most characters of one value that get prefix and substring tokens; a longer value (a
+/// pasted note in a string element) is still found by its beginning and by `:exact`.
+pub const MAX_INDEXED_CHARACTERS: usize = 256;
+
+fn bounded(normalized: String) -> String {
+    if normalized.chars().count() <= MAX_INDEXED_CHARACTERS {
+        return normalized;
+    }
+    normalized.chars().take(MAX_INDEXED_CHARACTERS).collect()
 }
 
 /// Case-folds, strips accents (NFKD without combining marks), and collapses whitespace.

@@ -322,6 +322,11 @@ fn create_read_update_delete_with_versions_and_preconditions() {
     );
     assert_eq!(patch(json!([]), Some("W/\"1\"")).status, 412);
     assert_eq!(
+        patch(json!([{"op": "copy", "from": "", "path": "/copy"}]), None).status,
+        422,
+        "copying the whole resource into itself is refused"
+    );
+    assert_eq!(
         fhir.get(&format!("Patient/{id}")).body["meta"]["versionId"],
         "3"
     );
@@ -410,6 +415,20 @@ fn conditional_create_update_and_delete() {
         .status,
         412
     );
+    let existing = fhir.create(&json!({"resourceType": "Patient", "active": true}));
+    assert_eq!(
+        fhir.put(
+            "Patient?identifier=urn:mrn|C-404",
+            &json!({"resourceType": "Patient", "id": existing})
+        )
+        .status,
+        409,
+        "a condition that matched nothing may not overwrite another resource"
+    );
+    assert_eq!(
+        fhir.get(&format!("Patient/{existing}")).body["active"],
+        true
+    );
     assert_eq!(
         fhir.put("Patient?nonsense=1", &json!({"resourceType": "Patient"}))
             .status,
@@ -455,6 +474,9 @@ fn bad_requests_are_operation_outcomes_and_store_nothing() {
         (fhir.get("Patient?name:fuzzy=x"), 400),
         (fhir.get("Patient?_sort=family"), 400),
         (fhir.get("Patient?_format=xml"), 406),
+        (fhir.post("Patient", &json!({"resourceType": "Patient", "meta": 1})), 400),
+        (fhir.get("Patient?_id="), 400),
+        (fhir.get("Patient?_offset=99999999999999999999999"), 400),
         (fhir.send(fhir.client.post(fhir.url("Patient")).header("content-type", "application/fhir+json").body(vec![b' '; 2 * 1024 * 1024])), 413),
     ];
     for (position, (reply, expected)) in cases.iter().enumerate() {
@@ -469,6 +491,15 @@ fn bad_requests_are_operation_outcomes_and_store_nothing() {
         fhir.total("Patient", "_lastUpdated=gt2000"),
         before,
         "nothing was stored"
+    );
+    // The last representable day is a common "no end" and must be storable and searchable.
+    let open_ended = fhir.create(
+        &json!({"resourceType": "Encounter", "status": "planned", "class": {"code": "AMB"},
+        "period": {"start": "2024-01-01", "end": "9999-12-31"}}),
+    );
+    assert_eq!(
+        fhir.ids("Encounter", "date=ge9999-12-31"),
+        BTreeSet::from([open_ended])
     );
     let strict = fhir.send(
         fhir.client

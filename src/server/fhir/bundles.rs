@@ -136,6 +136,11 @@ impl Entry {
 
     /// `(type, id or None, query or None)` of the URL.
     fn target(&self) -> (String, Option<String>, Option<String>) {
+        if self.method != Method::Get && !self.url.contains('?') && self.url.split('/').count() > 2
+        {
+            // `Type/id/_history/2` and the like name no writable resource.
+            return (String::new(), None, None);
+        }
         if let Some((path, query)) = self.url.split_once('?') {
             return (path.to_owned(), None, Some(query.to_owned()));
         }
@@ -548,12 +553,13 @@ async fn plan_entry(state: &AppState, caller: &Caller, entry: &Entry) -> Result<
                 .get("id")
                 .and_then(Value::as_str)
                 .map(str::to_owned);
-            let id = match (
-                matching_ids(state, caller, &resource_type, &query)
-                    .await?
-                    .as_slice(),
-                body_id,
-            ) {
+            let matches = matching_ids(state, caller, &resource_type, &query).await?;
+            let precondition = if matches.is_empty() {
+                Precondition::MustNotExist
+            } else {
+                entry.precondition()?
+            };
+            let id = match (matches.as_slice(), body_id) {
                 ([], Some(body_id)) => body_id,
                 ([], None) => super::new_resource_id(),
                 ([existing], _) => existing.clone(),
@@ -570,7 +576,7 @@ async fn plan_entry(state: &AppState, caller: &Caller, entry: &Entry) -> Result<
                 resource_type,
                 id,
                 resource,
-                precondition: entry.precondition()?,
+                precondition,
             })
         }
         (Method::Delete, Some(id), None) => Ok(Plan::Delete {

@@ -430,6 +430,12 @@ pub fn check_resource(resource_type: &str, resource: &Value) -> Result<(), FhirE
     if object.get("resourceType").and_then(Value::as_str) != Some(resource_type) {
         return Err(FhirError::invalid("resourceType does not match the URL"));
     }
+    if object.get("meta").is_some_and(|meta| !meta.is_object()) {
+        return Err(FhirError::invalid("meta must be an object"));
+    }
+    if glastonbury_fhir::patch::depth_exceeds(resource, glastonbury_fhir::patch::MAX_DEPTH) {
+        return Err(FhirError::invalid("the resource is nested too deeply"));
+    }
     if let Some(id) = object.get("id")
         && !id.as_str().is_some_and(valid_id)
     {

@@ -336,6 +336,8 @@ pub async fn conditional_update_resource(
         .get("id")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    // With no match, a body id must name a new resource: the condition said none exists.
+    let no_match = matches.is_empty();
     let id = match (matches.as_slice(), body_id) {
         ([], Some(body_id)) => body_id,
         ([], None) => super::new_resource_id(),
@@ -348,6 +350,11 @@ pub async fn conditional_update_resource(
         _ => return Err(several_match()),
     };
     let resource = stored_form(resource, &id);
+    let precondition = if no_match {
+        Precondition::MustNotExist
+    } else {
+        precondition
+    };
     update_resource(state, caller, resource_type, &id, resource, precondition).await
 }
 
@@ -439,7 +446,8 @@ pub async fn patch_resource(
             "a patch may not change the id",
         ));
     }
-    let resource = stored_form(patched, id);
+    let mut resource = stored_form(patched, id);
+    super::bundles::resolve_references(state, caller, &mut resource).await?;
     let body = RecordBody::fhir(
         patient_of(resource_type, id, &resource),
         resource_type,

@@ -82,6 +82,8 @@ pub async fn matching_ids(
     }
     request.count = 2;
     request.offset = 0;
+    request.summary_count = false;
+    request.elements.clear();
     request.includes.clear();
     request.revincludes.clear();
     authorize_related_types(state, caller, &request).await?;
@@ -228,6 +230,9 @@ fn only_elements(resource: Value, elements: &[String]) -> Value {
         })
         .collect();
     let meta = kept.entry("meta").or_insert_with(|| serde_json::json!({}));
+    if !meta.is_object() {
+        *meta = serde_json::json!({});
+    }
     let subsetted = serde_json::json!({"system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue", "code": "SUBSETTED"});
     match meta.get_mut("tag").and_then(Value::as_array_mut) {
         Some(tags) => tags.push(subsetted),
