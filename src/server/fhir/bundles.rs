@@ -16,11 +16,11 @@ use super::resources::{
 use super::search::{matching_ids, query_pairs, search_type};
 use super::{
     Answer, Caller, FhirBody, FhirError, Prefer, ReturnKind, check_resource, fhir_response,
-    known_resource_type, names_caller, outcome_value, patient_of, status_line, stored_form,
+    known_resource_type, names_caller, outcome_value, record_body, status_line, stored_form,
     valid_id,
 };
 use crate::access;
-use crate::records::{Precondition, RecordBody, RecordError, RecordKey};
+use crate::records::{Precondition, RecordError, RecordKey};
 use crate::server::AppState;
 use crate::server::authenticate::Caller as AuthenticatedCaller;
 
@@ -395,11 +395,7 @@ async fn transaction(
                 let allowed = records
                     .authorize_with::<access::Create>(caller, resource_type, &facts)
                     .await?;
-                let body = RecordBody::fhir(
-                    patient_of(resource_type, id, resource),
-                    resource_type,
-                    resource,
-                );
+                let body = record_body(resource_type, id, resource);
                 records
                     .prepare_store(
                         &allowed,
@@ -420,11 +416,7 @@ async fn transaction(
                 let allowed = records
                     .authorize::<access::Update>(caller, resource_type)
                     .await?;
-                let body = RecordBody::fhir(
-                    patient_of(resource_type, id, resource),
-                    resource_type,
-                    resource,
-                );
+                let body = record_body(resource_type, id, resource);
                 records
                     .prepare_store(
                         &allowed,

@@ -386,6 +386,15 @@ pub fn patient_of(resource_type: &str, id: &str, resource: &Value) -> Option<Str
         })
 }
 
+/// What the record path stores for a FHIR resource: its JSON, its patient and its index values.
+pub fn record_body(resource_type: &str, id: &str, resource: &Value) -> crate::records::RecordBody {
+    crate::records::RecordBody::fhir(
+        patient_of(resource_type, id, resource),
+        resource_type,
+        resource,
+    )
+}
+
 /// Whether a written resource names the caller itself: an Observation whose `device` is
 /// `Device/<caller id>`, or a Device with an identifier whose value is the caller id.
 pub fn names_caller(resource_type: &str, resource: &Value, caller_id: &str) -> bool {

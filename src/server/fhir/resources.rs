@@ -10,10 +10,10 @@ use serde_json::Value;
 use super::search::matching_ids;
 use super::{
     Answer, Caller, FhirBody, FhirError, Prefer, check_resource, known_resource_type, names_caller,
-    parse_resource, patient_of, stored_form, valid_id,
+    parse_resource, record_body, stored_form, valid_id,
 };
 use crate::access;
-use crate::records::{Precondition, RecordBody, RecordError};
+use crate::records::{Precondition, RecordError};
 use crate::server::AppState;
 use crate::server::authenticate::Caller as AuthenticatedCaller;
 
@@ -277,11 +277,7 @@ pub async fn create_resource(
     let allowed = records
         .authorize_with::<access::Create>(caller, resource_type, &facts)
         .await?;
-    let body = RecordBody::fhir(
-        patient_of(resource_type, &id, &resource),
-        resource_type,
-        &resource,
-    );
+    let body = record_body(resource_type, &id, &resource);
     let version = records.create(&allowed, &id, body).await?;
     Ok(Answer::written(StatusCode::CREATED, resource, version))
 }
@@ -307,11 +303,7 @@ pub async fn update_resource(
         .await?;
     let mut resource = stored_form(resource, id);
     super::bundles::resolve_references(state, caller, &mut resource).await?;
-    let body = RecordBody::fhir(
-        patient_of(resource_type, id, &resource),
-        resource_type,
-        &resource,
-    );
+    let body = record_body(resource_type, id, &resource);
     let version = records.update(&allowed, id, body, precondition).await?;
     let status = if version.version == 1 {
         StatusCode::CREATED
@@ -448,11 +440,7 @@ pub async fn patch_resource(
     }
     let mut resource = stored_form(patched, id);
     super::bundles::resolve_references(state, caller, &mut resource).await?;
-    let body = RecordBody::fhir(
-        patient_of(resource_type, id, &resource),
-        resource_type,
-        &resource,
-    );
+    let body = record_body(resource_type, id, &resource);
     let version = records
         .update(
             &update,
