@@ -437,8 +437,7 @@ impl Records {
         let prepared = self
             .prepare_store(allowed, key, body, precondition, subtype, action)
             .await?;
-        let mut written = self.commit(vec![prepared]).await?;
-        written.pop().ok_or(RecordError::Unavailable)
+        self.commit_one(prepared).await
     }
 
     /// Encrypts a version and makes its row, index and audit leaf, ready to commit (alone or
@@ -510,6 +509,12 @@ impl Records {
         Ok(PreparedWrite { key, row, draft })
     }
 
+    /// Commits one prepared write.
+    async fn commit_one(&self, prepared: PreparedWrite) -> Result<RecordVersion, RecordError> {
+        let mut written = self.commit(vec![prepared]).await?;
+        written.pop().ok_or(RecordError::Unavailable)
+    }
+
     /// Commits prepared writes atomically (all or none) with their audit leaves, then announces
     /// each stored version. Versions come back in the order given.
     pub async fn commit(
@@ -572,8 +577,7 @@ impl Records {
         let prepared = self
             .prepare_delete(allowed, resource_id, precondition)
             .await?;
-        let mut written = self.commit(vec![prepared]).await?;
-        written.pop().ok_or(RecordError::Unavailable)
+        self.commit_one(prepared).await
     }
 
     /// Reads the current version.

@@ -2,13 +2,12 @@
 //! (`/_history`), as `history` Bundles with `_since`, `_count` and paging links.
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use glastonbury_fhir::SearchParameters;
 use serde_json::Value;
 
 use super::search::query_pairs;
-use super::{FhirError, fhir_base, fhir_response, known_resource_type, with_meta};
+use super::{FhirError, fhir_base, known_resource_type, respond_bundle, with_meta};
 use crate::access;
 use crate::records::Record;
 use crate::server::AppState;
@@ -33,7 +32,7 @@ pub async fn instance_history(
             Vec::new(),
         ))
     };
-    respond(outcome.await)
+    respond_bundle(outcome.await)
 }
 
 pub async fn type_history(
@@ -58,7 +57,7 @@ pub async fn type_history(
         )
         .await
     };
-    respond(outcome.await)
+    respond_bundle(outcome.await)
 }
 
 /// System history lists only the types the caller may read.
@@ -81,14 +80,7 @@ pub async fn system_history(
         let path = format!("{}/_history", fhir_base(&state));
         history_page(&state, allowed, query.as_deref().unwrap_or_default(), &path).await
     };
-    respond(outcome.await)
-}
-
-fn respond(outcome: Result<Value, FhirError>) -> Response {
-    match outcome {
-        Ok(bundle) => fhir_response(StatusCode::OK, &bundle),
-        Err(error) => error.into_response(),
-    }
+    respond_bundle(outcome.await)
 }
 
 async fn history_page(

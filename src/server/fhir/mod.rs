@@ -186,6 +186,14 @@ pub fn fhir_response(status: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
+/// A Bundle (search, history) as a 200 answer, or the error as an OperationOutcome.
+pub fn respond_bundle(outcome: Result<Value, FhirError>) -> Response {
+    match outcome {
+        Ok(bundle) => fhir_response(StatusCode::OK, &bundle),
+        Err(error) => error.into_response(),
+    }
+}
+
 /// The raw body of a FHIR request; a body over the size limit is answered as an OperationOutcome.
 #[derive(Debug)]
 pub struct FhirBody(pub Bytes);

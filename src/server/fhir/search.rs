@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use glastonbury_fhir::SearchParameters;
 use glastonbury_fhir::extract::references_of;
 use glastonbury_fhir::path::reference_type;
@@ -15,8 +15,8 @@ use glastonbury_fhir::query::{Include, SearchRequest, parse_search};
 use serde_json::Value;
 
 use super::{
-    Caller, FhirBody, FhirError, Prefer, fhir_base, fhir_response, known_resource_type,
-    resource_with_meta,
+    Caller, FhirBody, FhirError, Prefer, fhir_base, known_resource_type, resource_with_meta,
+    respond_bundle,
 };
 use crate::access;
 use crate::records::Record;
@@ -31,7 +31,7 @@ pub async fn search_get(
     headers: HeaderMap,
 ) -> Response {
     let pairs = query_pairs(query.as_deref().unwrap_or_default());
-    respond(search_type(&state, &caller, &resource_type, &pairs, &headers).await)
+    respond_bundle(search_type(&state, &caller, &resource_type, &pairs, &headers).await)
 }
 
 pub async fn search_post(
@@ -44,14 +44,7 @@ pub async fn search_post(
 ) -> Response {
     let mut pairs = query_pairs(query.as_deref().unwrap_or_default());
     pairs.extend(query_pairs(&String::from_utf8_lossy(&body)));
-    respond(search_type(&state, &caller, &resource_type, &pairs, &headers).await)
-}
-
-fn respond(outcome: Result<Value, FhirError>) -> Response {
-    match outcome {
-        Ok(bundle) => fhir_response(StatusCode::OK, &bundle),
-        Err(error) => error.into_response(),
-    }
+    respond_bundle(search_type(&state, &caller, &resource_type, &pairs, &headers).await)
 }
 
 /// Splits a query string into decoded pairs, keeping their order (`_format`/`_pretty` dropped).
@@ -419,5 +412,5 @@ pub async fn everything(
             "entry": entries,
         }))
     };
-    respond(outcome.await)
+    respond_bundle(outcome.await)
 }
