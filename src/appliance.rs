@@ -100,13 +100,16 @@ impl Appliance {
         let identity = JournalIdentity {
             appliance_id: settings.appliance_id.clone(),
         };
-        let records = Arc::new(Records::new(
-            database.clone(),
-            blobs.clone(),
-            Arc::clone(&vault),
-            identity,
-            Authorizer::new(Arc::clone(&policies)),
-        ));
+        let records = Arc::new(
+            Records::new(
+                database.clone(),
+                blobs.clone(),
+                Arc::clone(&vault),
+                identity,
+                Authorizer::new(Arc::clone(&policies)),
+            )
+            .with_export_expiry(settings.bulk_export_expiry_seconds),
+        );
         let checkpoints = Arc::new(
             CheckpointService::open(database.clone(), Arc::clone(&vault), &settings.appliance_id)
                 .await?,

@@ -72,6 +72,7 @@ struct SettingsFile {
     request_timeout_seconds: Option<u64>,
     token_lifetime_seconds: Option<u64>,
     rate_limit_per_second: Option<u32>,
+    bulk_export_expiry_seconds: Option<u64>,
     policies_dir: Option<PathBuf>,
 }
 
@@ -99,6 +100,7 @@ const SETTING_KEYS: &[&str] = &[
     "request_timeout_seconds",
     "token_lifetime_seconds",
     "rate_limit_per_second",
+    "bulk_export_expiry_seconds",
     "policies_dir",
 ];
 
@@ -141,6 +143,8 @@ pub struct Settings {
     pub token_lifetime_seconds: u64,
     /// Requests per second allowed per client and per source address (bursts of twice that).
     pub rate_limit_per_second: u32,
+    /// How long a finished Bulk Data export's files stay available before they are destroyed.
+    pub bulk_export_expiry_seconds: u64,
     /// Folder of Cedar policies (`*.cedar` + `schema.cedarschema`); `None`: the built-in set.
     pub policies_dir: Option<PathBuf>,
     /// Where the settings came from, for `--print-config`.
@@ -303,6 +307,12 @@ impl Settings {
                 file.rate_limit_per_second,
                 1000,
             )?,
+            bulk_export_expiry_seconds: parse_number(
+                "bulk_export_expiry_seconds",
+                overlay("bulk_export_expiry_seconds", None)?,
+                file.bulk_export_expiry_seconds,
+                crate::records::bulk_export::DEFAULT_EXPORT_EXPIRY_SECONDS,
+            )?,
             policies_dir: overlay(
                 "policies_dir",
                 file.policies_dir.map(|path| path.display().to_string()),
@@ -416,6 +426,10 @@ impl Settings {
         push(
             "rate_limit_per_second",
             self.rate_limit_per_second.to_string(),
+        );
+        push(
+            "bulk_export_expiry_seconds",
+            self.bulk_export_expiry_seconds.to_string(),
         );
         lines.join("\n") + "\n"
     }

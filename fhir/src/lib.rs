@@ -7,7 +7,9 @@ pub mod extract;
 pub mod patch;
 pub mod path;
 pub mod query;
+pub mod safe_harbor;
 pub mod search_parameters;
 pub mod synthetic;
+pub mod validate;
 
 pub use search_parameters::{ParameterType, SearchParameter, SearchParameters};

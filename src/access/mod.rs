@@ -112,6 +112,23 @@ action!(Read, 'r', "read");
 action!(Update, 'u', "update");
 action!(Delete, 'd', "delete");
 action!(Search, 's', "search");
+action!(Export, 'r', "export");
+
+/// What a caller sees of the records an access reaches: the records as stored, or only their
+/// HIPAA Safe Harbor de-identified form (ids and identifiers as pseudonyms, no names, contact
+/// details, free text or dates finer than a year). The policy that allowed the access decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum View {
+    #[default]
+    Identified,
+    SafeHarbor,
+}
+
+impl View {
+    pub fn is_deidentified(self) -> bool {
+        self == Self::SafeHarbor
+    }
+}
 
 /// Proof that `principal` may perform `A` on records of `resource_type`.
 #[derive(Debug, Clone)]
@@ -120,6 +137,7 @@ pub struct Allowed<A: Action> {
     resource_type: String,
     decided_by: Vec<String>,
     break_glass: bool,
+    view: View,
     action: PhantomData<A>,
 }
 
@@ -140,6 +158,11 @@ impl<A: Action> Allowed<A> {
     /// Whether only emergency access (break-glass) allowed this.
     pub fn break_glass(&self) -> bool {
         self.break_glass
+    }
+
+    /// What the caller may see of the records this access reaches.
+    pub fn view(&self) -> View {
+        self.view
     }
 }
 
@@ -203,8 +226,9 @@ impl Authorizer {
     }
 
     /// Decides whether `principal` may do `A` on `resource_type` with what the surface learned
-    /// from the request (`facts`). A clinician who stated a break-glass reason is asked again as
-    /// an emergency when the normal decision is a denial.
+    /// from the request (`facts`). A read or search the policies refuse on identified data is
+    /// asked again for the de-identified view; a clinician who stated a break-glass reason is
+    /// asked again as an emergency when both are denied.
     pub fn decide_with<A: Action>(
         &self,
         principal: &Arc<Principal>,
@@ -222,23 +246,33 @@ impl Authorizer {
             scopes_permit,
             break_glass: false,
             concerns_caller: facts.concerns_caller,
+            deidentified: false,
         };
         let answer = self.policies.decide(&question);
-        let allowed = |decided_by: Vec<String>, break_glass: bool| Allowed {
+        let allowed = |decided_by: Vec<String>, break_glass: bool, view: View| Allowed {
             principal: Arc::clone(principal),
             resource_type: resource_type.to_owned(),
             decided_by,
             break_glass,
+            view,
             action: PhantomData,
         };
         if answer.allowed {
-            return Ok(allowed(answer.decided_by, false));
+            return Ok(allowed(answer.decided_by, false, View::Identified));
+        }
+        if matches!(A::SCOPE_LETTER, 'r' | 's') {
+            question.deidentified = true;
+            let deidentified = self.policies.decide(&question);
+            if deidentified.allowed {
+                return Ok(allowed(deidentified.decided_by, false, View::SafeHarbor));
+            }
+            question.deidentified = false;
         }
         if principal.break_glass_reason.is_some() {
             question.break_glass = true;
             let emergency = self.policies.decide(&question);
             if emergency.allowed {
-                return Ok(allowed(emergency.decided_by, true));
+                return Ok(allowed(emergency.decided_by, true, View::Identified));
             }
         }
         let reason = if scopes_permit {
@@ -269,6 +303,7 @@ impl Authorizer {
             scopes_permit: false,
             break_glass: false,
             concerns_caller: false,
+            deidentified: false,
         });
         if !answer.allowed {
             return Err(Denied {
@@ -402,16 +437,55 @@ mod tests {
     fn purpose_of_use_is_part_of_the_decision() {
         let authorizer = Authorizer::with_default_policies().unwrap();
         let mut clinician = (*principal(Role::Clinician, "system/*.cruds")).clone();
-        for (purpose, allowed) in [("TREAT", true), ("HOPERAT", true), ("HRESCH", false)] {
+        for (purpose, view) in [
+            ("TREAT", Some(View::Identified)),
+            ("HOPERAT", Some(View::Identified)),
+            ("HRESCH", Some(View::SafeHarbor)),
+            ("PUBHLTH", None),
+        ] {
             clinician.purpose_of_use = Some(purpose.to_owned());
             assert_eq!(
                 authorizer
                     .decide::<Read>(&Arc::new(clinician.clone()), "Patient")
-                    .is_ok(),
-                allowed,
+                    .ok()
+                    .map(|allowed| allowed.view()),
+                view,
                 "{purpose}"
             );
         }
+        assert!(
+            authorizer
+                .decide::<Update>(&Arc::new(clinician), "Patient")
+                .is_err(),
+            "research is read-only"
+        );
+    }
+
+    #[test]
+    fn researchers_get_only_the_deidentified_view_within_scope() {
+        let authorizer = Authorizer::with_default_policies().unwrap();
+        let researcher = principal(Role::Researcher, "system/Observation.rs");
+        let read = authorizer
+            .decide::<Read>(&researcher, "Observation")
+            .unwrap();
+        assert_eq!(read.view(), View::SafeHarbor);
+        assert_eq!(read.decided_by(), ["researcher-deidentified-view"]);
+        assert_eq!(
+            authorizer
+                .decide::<Search>(&researcher, "Observation")
+                .unwrap()
+                .view(),
+            View::SafeHarbor
+        );
+        assert!(authorizer.decide::<Read>(&researcher, "Patient").is_err());
+        assert!(
+            authorizer
+                .decide::<Create>(
+                    &principal(Role::Researcher, "system/*.cruds"),
+                    "Observation"
+                )
+                .is_err()
+        );
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct PolicyQuestion<'a> {
     pub break_glass: bool,
     /// The data written names the caller itself (a device's own observation).
     pub concerns_caller: bool,
+    /// The caller would receive only the Safe Harbor de-identified view of what it reads.
+    pub deidentified: bool,
 }
 
 /// The answer: allowed or not, and the ids of the policies that decided.
@@ -245,6 +247,10 @@ fn evaluate(
         (
             "concernsCaller".to_owned(),
             RestrictedExpression::new_bool(question.concerns_caller),
+        ),
+        (
+            "deidentified".to_owned(),
+            RestrictedExpression::new_bool(question.deidentified),
         ),
     ])
     .map_err(|error| error.to_string())?;

@@ -2,6 +2,8 @@
 //! calls to authorize, encrypt, store, read and audit records. Nothing else touches the database,
 //! the blob store, the keys or the journal.
 
+pub mod bulk_export;
+pub mod egress;
 pub mod search;
 pub mod search_index;
 pub mod writer;
@@ -13,7 +15,7 @@ use sqlx::Row;
 use tokio::sync::broadcast;
 
 use crate::access::{
-    self, Action, Allowed, AuditJournalAccess, Authorizer, Denied, Principal, Role,
+    self, Action, Allowed, AuditJournalAccess, Authorizer, Denied, Principal, Role, View,
 };
 use crate::journal::{AuditDraft, JournalIdentity, Outcome, codes};
 use crate::storage::{BlobError, BlobStore, Database, StorageError};
@@ -45,6 +47,10 @@ pub enum RecordError {
         "the request matches too many resources (a chained or _has parameter, or $everything); narrow it"
     )]
     TooBroad,
+    #[error("{0}")]
+    NotInView(String),
+    #[error("{0}")]
+    Busy(String),
     #[error("the record writer is not running")]
     Unavailable,
     #[error("audit leaf could not be made: {0}")]
@@ -148,12 +154,14 @@ pub struct RecordVersion {
     pub deleted: bool,
 }
 
-/// A decrypted record version.
+/// A decrypted record version, as the caller's view shows it.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub meta: RecordVersion,
     pub content_type: String,
     pub body: Bytes,
+    /// `SafeHarbor` when the body was de-identified and the id is a pseudonym.
+    pub view: View,
 }
 
 /// Announced after a record version is durable: the seam for workflows and subscriptions.
@@ -174,6 +182,7 @@ pub struct Records {
     break_glass_uses: prometheus_client::metrics::counter::Counter,
     stored_events: broadcast::Sender<RecordStored>,
     inline_limit: usize,
+    export_expiry_seconds: u64,
 }
 
 impl Records {
@@ -195,7 +204,14 @@ impl Records {
             break_glass_uses: prometheus_client::metrics::counter::Counter::default(),
             stored_events,
             inline_limit: DEFAULT_INLINE_LIMIT,
+            export_expiry_seconds: bulk_export::DEFAULT_EXPORT_EXPIRY_SECONDS,
         }
+    }
+
+    /// Sets how long finished Bulk Data exports stay available.
+    pub fn with_export_expiry(mut self, seconds: u64) -> Self {
+        self.export_expiry_seconds = seconds;
+        self
     }
 
     /// Sets where bodies move from the database row to the blob store (tests use 0 to force blobs).
@@ -580,16 +596,21 @@ impl Records {
         self.commit_one(prepared).await
     }
 
-    /// Reads the current version.
+    /// Reads the current version (in a de-identified view, `resource_id` is a pseudonym).
     pub async fn read(
         &self,
         allowed: &Allowed<access::Read>,
         resource_id: &str,
     ) -> Result<Record, RecordError> {
-        let key = RecordKey::new(allowed.resource_type(), resource_id);
+        let resource_id = self
+            .id_in_view(allowed.view(), allowed.resource_type(), resource_id)
+            .await?;
+        let key = RecordKey::new(allowed.resource_type(), &resource_id);
         let head = self.head(&key).await?.ok_or(RecordError::NotFound)?;
-        self.read_version_audited(allowed, &key, head.version, "read")
-            .await
+        let record = self
+            .read_version_audited(allowed, &key, head.version, "read")
+            .await?;
+        self.egress(allowed.view(), record)
     }
 
     /// Reads one version (`vread`).
@@ -599,9 +620,14 @@ impl Records {
         resource_id: &str,
         version: i64,
     ) -> Result<Record, RecordError> {
-        let key = RecordKey::new(allowed.resource_type(), resource_id);
-        self.read_version_audited(allowed, &key, version, "vread")
-            .await
+        let resource_id = self
+            .id_in_view(allowed.view(), allowed.resource_type(), resource_id)
+            .await?;
+        let key = RecordKey::new(allowed.resource_type(), &resource_id);
+        let record = self
+            .read_version_audited(allowed, &key, version, "vread")
+            .await?;
+        self.egress(allowed.view(), record)
     }
 
     async fn read_version_audited(
@@ -632,6 +658,9 @@ impl Records {
         allowed: &Allowed<access::Read>,
         resource_id: &str,
     ) -> Result<Vec<Record>, RecordError> {
+        if allowed.view().is_deidentified() {
+            return Err(history_not_in_view());
+        }
         let key = RecordKey::new(allowed.resource_type(), resource_id);
         let rows = sqlx::query(
             "SELECT version FROM records WHERE resource_type = $1 AND resource_id = $2 ORDER BY version DESC",
@@ -738,6 +767,7 @@ impl Records {
                 meta: stored.meta,
                 content_type: stored.content_type,
                 body: Bytes::new(),
+                view: View::Identified,
             });
         }
         let ciphertext = match (&stored.inline_body, &stored.blob_key) {
@@ -753,6 +783,7 @@ impl Records {
             meta: stored.meta,
             content_type: stored.content_type,
             body: Bytes::from(plaintext),
+            view: View::Identified,
         })
     }
 
@@ -808,6 +839,11 @@ impl Records {
     ) -> Result<Option<String>, RecordError> {
         Ok(self.fetch_any_version(key, version).await?.blob_key)
     }
+}
+
+/// Histories carry every version's time to the second: not part of a de-identified view.
+fn history_not_in_view() -> RecordError {
+    RecordError::NotInView("history is not part of the de-identified view".to_owned())
 }
 
 fn action_code<A: Action>() -> char {

@@ -50,6 +50,9 @@ impl Records {
         query_text: &str,
     ) -> Result<SearchPage, RecordError> {
         let resource_type = allowed.resource_type();
+        let request = &self
+            .search_in_view(allowed.view(), resource_type, request)
+            .await?;
         let conditions = self.conditions(resource_type, &request.criteria).await?;
         let total = self.count_matches(resource_type, &conditions).await?;
         let ids = if request.summary_count || request.count == 0 {
@@ -76,19 +79,28 @@ impl Records {
         .await?;
         Ok(SearchPage {
             total,
-            records,
+            records: self.egress_all(allowed.view(), records)?,
             unreadable,
         })
     }
 
     /// Reads the current versions of `ids` of one type (for `_include`), journaled like a search.
+    /// In a de-identified view the ids are pseudonyms (as the matches' references show them).
     pub async fn read_included(
         &self,
         allowed: &Allowed<access::Read>,
         ids: &[String],
     ) -> Result<Vec<Record>, RecordError> {
         let resource_type = allowed.resource_type();
-        let (records, _, patient_refs) = self.load_current(resource_type, ids).await?;
+        let mut real_ids = Vec::with_capacity(ids.len());
+        for id in ids {
+            match self.id_in_view(allowed.view(), resource_type, id).await {
+                Ok(real_id) => real_ids.push(real_id),
+                Err(RecordError::NotFound) => {}
+                Err(error) => return Err(error),
+            }
+        }
+        let (records, _, patient_refs) = self.load_current(resource_type, &real_ids).await?;
         self.journal_search(
             allowed.principal(),
             allowed.decided_by(),
@@ -98,7 +110,7 @@ impl Records {
             &patient_refs,
         )
         .await?;
-        Ok(records)
+        self.egress_all(allowed.view(), records)
     }
 
     /// Every current record of one patient's compartment (`Patient/{id}/$everything`) of the
@@ -109,6 +121,9 @@ impl Records {
         patient_id: &str,
         resource_types: &[String],
     ) -> Result<Vec<Record>, RecordError> {
+        let patient_id = &self
+            .id_in_view(allowed.view(), "Patient", patient_id)
+            .await?;
         let patient_ref = self.vault.patient_ref(Some(patient_id));
         let mut statement = Statement::new(
             "SELECT resource_type, resource_id FROM record_heads WHERE deleted = 0 AND patient_ref = ",
@@ -141,7 +156,7 @@ impl Records {
             .decided_by(allowed.decided_by())
             .emergency(allowed.break_glass());
         self.journal(draft).await?;
-        Ok(records)
+        self.egress_all(allowed.view(), records)
     }
 
     /// Type and system history (`/Type/_history`, `/_history`): versions of the allowed types,
@@ -156,6 +171,12 @@ impl Records {
         let Some(first) = allowed.first() else {
             return Ok((0, Vec::new()));
         };
+        if allowed
+            .iter()
+            .any(|capability| capability.view().is_deidentified())
+        {
+            return Err(super::history_not_in_view());
+        }
         let mut filter = Statement::new(" WHERE resource_type IN ");
         filter.bind_text_list(allowed.iter().map(|capability| capability.resource_type()));
         if let Some(since) = since {
@@ -259,7 +280,7 @@ impl Records {
     }
 
     /// The `WHERE` conditions (after `resource_type = … AND deleted = 0`) of `criteria`.
-    fn conditions<'a>(
+    pub(super) fn conditions<'a>(
         &'a self,
         resource_type: &'a str,
         criteria: &'a [Criterion],
@@ -545,7 +566,7 @@ impl Records {
 
     /// Decrypts the current versions of `ids` (in that order), skipping deleted ones; counts the
     /// ones whose patient was shredded, and returns the patients they belong to.
-    async fn load_current(
+    pub(super) async fn load_current(
         &self,
         resource_type: &str,
         ids: &[String],

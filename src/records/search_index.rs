@@ -42,6 +42,12 @@ fn field(resource_type: &str, code: &str, kind: &str) -> String {
     format!("{resource_type}.{code}#{kind}")
 }
 
+/// The pseudonym of a resource id in de-identified views: its `_id` token, so that the index
+/// that finds records by id also finds them by pseudonym.
+pub fn id_pseudonym(blind: &BlindIndex, resource_type: &str, id: &str) -> String {
+    blind.verbatim(&field(resource_type, "_id", "code"), id)
+}
+
 /// Turns extracted values into rows; PHI-bearing values leave here only as tokens.
 pub fn index_rows(blind: &BlindIndex, resource_type: &str, entries: &[IndexEntry]) -> IndexRows {
     let mut rows = IndexRows::default();

@@ -185,6 +185,7 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     tokio::spawn(shutdown_on_signal(handle.clone()));
     tokio::spawn(reload_on_hangup(appliance.clone()));
     tokio::spawn(reload_token_keys_periodically(appliance.clone()));
+    tokio::spawn(purge_expired_exports_periodically(appliance.clone()));
     let listener = std::net::TcpListener::bind(address)
         .map_err(|source| ServeError::Listen { address, source })?;
     listener
@@ -231,6 +232,25 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
 
 /// How often a server looks for a token key rotated by another process.
 const TOKEN_KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How often expired Bulk Data exports are looked for, at most (short expiries are checked at
+/// half their length).
+const EXPORT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+async fn purge_expired_exports_periodically(appliance: Appliance) {
+    let half_expiry = Duration::from_secs(appliance.settings.bulk_export_expiry_seconds / 2);
+    let interval = half_expiry.clamp(Duration::from_secs(1), EXPORT_PURGE_INTERVAL);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        match appliance.records.purge_expired_exports().await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "expired bulk exports destroyed"),
+            Err(error) => tracing::error!(error = %error, "expired bulk exports not purged"),
+        }
+    }
+}
 
 async fn reload_token_keys_periodically(appliance: Appliance) {
     let mut ticker = tokio::time::interval(TOKEN_KEY_RELOAD_INTERVAL);

@@ -105,6 +105,14 @@ impl BlobStore {
         result.bytes().await.map_err(store_error)
     }
 
+    /// Removes a blob; a blob that is already gone is not an error.
+    pub async fn delete(&self, key: &str) -> Result<(), BlobError> {
+        match self.store.delete(&ObjectPath::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(other) => Err(store_error(other)),
+        }
+    }
+
     /// Answers whether the store can list its root, for `/readyz`.
     pub async fn ping(&self) -> Result<(), BlobError> {
         self.store

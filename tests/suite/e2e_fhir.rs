@@ -15,24 +15,24 @@ use crate::common::{Server, TemporaryPostgres, files_under, postgres_admin_url};
 use crate::e2e_core::{assert_no_hits, pg_dump};
 
 /// A running server with a clinician token.
-struct FhirServer {
-    workspace: tempfile::TempDir,
-    server: Server,
-    client: Client,
-    token: String,
-    _database: Option<TemporaryPostgres>,
+pub(crate) struct FhirServer {
+    pub(crate) workspace: tempfile::TempDir,
+    pub(crate) server: Server,
+    pub(crate) client: Client,
+    pub(crate) token: String,
+    pub(crate) _database: Option<TemporaryPostgres>,
 }
 
 /// One HTTP answer.
 #[derive(Debug)]
-struct Reply {
-    status: u16,
-    body: Value,
-    headers: reqwest::header::HeaderMap,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+    pub(crate) headers: reqwest::header::HeaderMap,
 }
 
 impl Reply {
-    fn header(&self, name: &str) -> Option<String> {
+    pub(crate) fn header(&self, name: &str) -> Option<String> {
         self.headers
             .get(name)
             .and_then(|value| value.to_str().ok())
@@ -45,17 +45,17 @@ impl Reply {
 }
 
 #[derive(Clone, Copy)]
-enum Engine {
+pub(crate) enum Engine {
     Sqlite,
     Postgres,
 }
 
 impl FhirServer {
-    fn start(engine: Engine) -> Option<Self> {
+    pub(crate) fn start(engine: Engine) -> Option<Self> {
         Self::start_with(engine, &[])
     }
 
-    fn start_with(engine: Engine, settings: &[(&str, &str)]) -> Option<Self> {
+    pub(crate) fn start_with(engine: Engine, settings: &[(&str, &str)]) -> Option<Self> {
         let workspace = tempfile::tempdir().unwrap();
         let database = match engine {
             Engine::Sqlite => None,
@@ -85,12 +85,17 @@ impl FhirServer {
         })
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}/fhir/{path}", self.server.base_url)
     }
 
-    fn send(&self, request: RequestBuilder) -> Reply {
-        let response = request.bearer_auth(&self.token).send().unwrap();
+    pub(crate) fn send(&self, request: RequestBuilder) -> Reply {
+        self.send_as(&self.token, request)
+    }
+
+    /// Sends `request` with another caller's bearer token.
+    pub(crate) fn send_as(&self, token: &str, request: RequestBuilder) -> Reply {
+        let response = request.bearer_auth(token).send().unwrap();
         let status = response.status().as_u16();
         let headers = response.headers().clone();
         let text = response.text().unwrap();
@@ -106,11 +111,11 @@ impl FhirServer {
         }
     }
 
-    fn get(&self, path: &str) -> Reply {
+    pub(crate) fn get(&self, path: &str) -> Reply {
         self.send(self.client.get(self.url(path)))
     }
 
-    fn post(&self, path: &str, body: &Value) -> Reply {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> Reply {
         self.send(
             self.client
                 .post(self.url(path))
@@ -119,7 +124,7 @@ impl FhirServer {
         )
     }
 
-    fn put(&self, path: &str, body: &Value) -> Reply {
+    pub(crate) fn put(&self, path: &str, body: &Value) -> Reply {
         self.send(
             self.client
                 .put(self.url(path))
@@ -128,14 +133,14 @@ impl FhirServer {
         )
     }
 
-    fn create(&self, resource: &Value) -> String {
+    pub(crate) fn create(&self, resource: &Value) -> String {
         let reply = self.post(resource["resourceType"].as_str().unwrap(), resource);
         assert_eq!(reply.status, 201, "{}", reply.body);
         reply.body["id"].as_str().unwrap().to_owned()
     }
 
     /// A search; returns the Bundle.
-    fn search(&self, resource_type: &str, query: &str) -> Value {
+    pub(crate) fn search(&self, resource_type: &str, query: &str) -> Value {
         let reply = self.get(&format!("{resource_type}?{query}"));
         assert_eq!(reply.status, 200, "{resource_type}?{query}: {}", reply.body);
         assert_eq!(reply.body["type"], "searchset");
@@ -143,23 +148,23 @@ impl FhirServer {
     }
 
     /// The ids of the `match` entries of a search (one page, `_count=1000`).
-    fn ids(&self, resource_type: &str, query: &str) -> BTreeSet<String> {
+    pub(crate) fn ids(&self, resource_type: &str, query: &str) -> BTreeSet<String> {
         let bundle = self.search(resource_type, &format!("{query}&_count=1000"));
         matched_ids(&bundle)
     }
 
-    fn total(&self, resource_type: &str, query: &str) -> u64 {
+    pub(crate) fn total(&self, resource_type: &str, query: &str) -> u64 {
         self.search(resource_type, &format!("{query}&_summary=count"))["total"]
             .as_u64()
             .unwrap()
     }
 
-    fn transaction(&self, bundle: &Value) -> Reply {
+    pub(crate) fn transaction(&self, bundle: &Value) -> Reply {
         self.post("", bundle)
     }
 }
 
-fn matched_ids(bundle: &Value) -> BTreeSet<String> {
+pub(crate) fn matched_ids(bundle: &Value) -> BTreeSet<String> {
     bundle["entry"]
         .as_array()
         .map(|entries| {
@@ -189,7 +194,11 @@ fn included_types(bundle: &Value) -> Vec<String> {
 
 /// Loads patients `0..count` of population `seed` with one transaction each; returns them with
 /// the id their Patient got.
-fn load_population(fhir: &FhirServer, seed: u64, count: usize) -> Vec<(SyntheticPatient, String)> {
+pub(crate) fn load_population(
+    fhir: &FhirServer,
+    seed: u64,
+    count: usize,
+) -> Vec<(SyntheticPatient, String)> {
     (0..count)
         .map(|index| {
             let patient = synthetic_patient(seed, index);
@@ -477,6 +486,18 @@ fn bad_requests_are_operation_outcomes_and_store_nothing() {
         (fhir.post("Patient", &json!({"resourceType": "Patient", "meta": 1})), 400),
         (fhir.get("Patient?_id="), 400),
         (fhir.get("Patient?_offset=99999999999999999999999"), 400),
+        // Structure, checked against the R4 model: wrong JSON types, codes outside their value
+        // set, missing required elements; unknown elements only under strict handling.
+        (fhir.post("Patient", &json!({"resourceType": "Patient", "birthDate": 19700506})), 400),
+        (fhir.post("Patient", &json!({"resourceType": "Patient", "gender": "Marchetti"})), 400),
+        (fhir.post("Patient", &json!({"resourceType": "Patient", "name": "Lucia Marchetti"})), 400),
+        (fhir.post("Observation", &json!({"resourceType": "Observation", "code": {"text": "pulse"}})), 400),
+        (fhir.send(fhir.client.post(fhir.url("Patient")).header("content-type", "application/fhir+json")
+            .header("prefer", "handling=strict").body(json!({"resourceType": "Patient", "nickname": "Lu"}).to_string())), 400),
+        (fhir.send(fhir.client.post(fhir.url("")).header("content-type", "application/fhir+json")
+            .header("prefer", "handling=strict").body(json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": {"resourceType": "Patient", "nickname": "Lu"}, "request": {"method": "POST", "url": "Patient"}}]}).to_string())), 400),
+        // Last: the server closes a connection whose body it refused.
         (fhir.send(fhir.client.post(fhir.url("Patient")).header("content-type", "application/fhir+json").body(vec![b' '; 2 * 1024 * 1024])), 413),
     ];
     for (position, (reply, expected)) in cases.iter().enumerate() {
@@ -491,6 +512,31 @@ fn bad_requests_are_operation_outcomes_and_store_nothing() {
         fhir.total("Patient", "_lastUpdated=gt2000"),
         before,
         "nothing was stored"
+    );
+    // Structural errors name the element and never echo the value (it can be PHI).
+    let (wrong_type, _) = &cases[15];
+    assert!(
+        wrong_type.body.to_string().contains("birthDate"),
+        "{}",
+        wrong_type.body
+    );
+    for (reply, _) in &cases[15..18] {
+        assert!(
+            !reply.body.to_string().contains("Marchetti"),
+            "{}",
+            reply.body
+        );
+    }
+    assert!(
+        cases[19].0.body.to_string().contains("nickname"),
+        "{}",
+        cases[19].0.body
+    );
+    // Without strict handling an unknown element is kept as sent.
+    let lenient_id = fhir.create(&json!({"resourceType": "Patient", "nickname": "Lu"}));
+    assert_eq!(
+        fhir.get(&format!("Patient/{lenient_id}")).body["nickname"],
+        "Lu"
     );
     // The last representable day is a common "no end" and must be storable and searchable.
     let open_ended = fhir.create(

@@ -10,5 +10,7 @@ mod e2e_audit;
 mod e2e_auth;
 mod e2e_core;
 mod e2e_fhir;
+mod e2e_fhir_bulk;
+mod e2e_fhir_safe_harbor;
 mod e2e_oidc;
 mod storage_suite;

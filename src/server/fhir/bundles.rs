@@ -34,6 +34,7 @@ pub async fn batch_or_transaction(
     FhirBody(body): FhirBody,
 ) -> Response {
     let prefer = Prefer::from_headers(&headers).return_kind;
+    let strict = Prefer::from_headers(&headers).strict;
     let outcome = async {
         let bundle: Value = serde_json::from_slice(&body).map_err(|_| {
             FhirError::new(
@@ -60,7 +61,7 @@ pub async fn batch_or_transaction(
         let parsed: Vec<Entry> = entries
             .iter()
             .enumerate()
-            .map(|(position, entry)| Entry::parse(position, entry))
+            .map(|(position, entry)| Entry::parse(position, entry, strict))
             .collect::<Result<_, _>>()?;
         match bundle.get("type").and_then(Value::as_str) {
             Some("batch") => Ok(batch(&state, &caller, parsed, prefer).await),
@@ -87,6 +88,8 @@ struct Entry {
     resource: Option<Value>,
     if_none_exist: Option<String>,
     if_match: Option<String>,
+    /// `Prefer: handling=strict` on the Bundle: unknown elements are refused.
+    strict: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +101,7 @@ enum Method {
 }
 
 impl Entry {
-    fn parse(position: usize, entry: &Value) -> Result<Self, FhirError> {
+    fn parse(position: usize, entry: &Value, strict: bool) -> Result<Self, FhirError> {
         let request = entry
             .get("request")
             .ok_or_else(|| FhirError::invalid(format!("entry {position} has no request")))?;
@@ -129,6 +132,7 @@ impl Entry {
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             resource: entry.get("resource").cloned(),
+            strict,
             if_none_exist: text("ifNoneExist"),
             if_match: text("ifMatch"),
         })
@@ -153,7 +157,7 @@ impl Entry {
         let resource = self.resource.clone().ok_or_else(|| {
             FhirError::invalid(format!("entry {} has no resource", self.position))
         })?;
-        check_resource(resource_type, &resource)?;
+        check_resource(resource_type, &resource, self.strict)?;
         Ok(resource)
     }
 

@@ -31,6 +31,7 @@ fn statement(base: &str) -> Value {
         "software": {"name": "Glastonbury", "version": env!("CARGO_PKG_VERSION")},
         "implementation": {"description": "Glastonbury FHIR R4 server", "url": format!("{base}/fhir")},
         "fhirVersion": "4.0.1",
+        "instantiates": ["http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"],
         "format": ["application/fhir+json", "json"],
         "patchFormat": ["application/json-patch+json"],
         "rest": [{
@@ -46,6 +47,7 @@ fn statement(base: &str) -> Value {
             },
             "resource": resources,
             "interaction": SYSTEM_INTERACTIONS.iter().map(|code| json!({"code": code})).collect::<Vec<_>>(),
+            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
             "searchParam": [
                 {"name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
                 {"name": "_lastUpdated", "type": "date", "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"},
@@ -102,7 +104,15 @@ fn resource_capability(registry: &SearchParameters, resource_type: &str) -> Valu
         "searchParam": search_params,
     });
     if resource_type == "Patient" {
-        capability["operation"] = json!([{"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"}]);
+        capability["operation"] = json!([
+            {"name": "everything", "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything"},
+            {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"},
+        ]);
+    }
+    if resource_type == "Group" {
+        capability["operation"] = json!([
+            {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"},
+        ]);
     }
     capability
 }

@@ -1,6 +1,7 @@
 //! The FHIR R4 REST surface at `/fhir`: every interaction translates HTTP into calls on the record
 //! path (`crate::records`), and answers in FHIR's own form (resources, Bundles, OperationOutcome).
 
+mod bulk;
 mod bundles;
 
 pub use bundles::batch_or_transaction;
@@ -48,6 +49,23 @@ pub fn routes(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/", axum::routing::post(bundles::batch_or_transaction))
         .route("/metadata", get(capabilities::capability_statement))
+        .route(
+            "/$export",
+            get(bulk::export_system).post(bulk::export_system),
+        )
+        .route(
+            "/Patient/$export",
+            get(bulk::export_patients).post(bulk::export_patients),
+        )
+        .route(
+            "/Group/{id}/$export",
+            get(bulk::export_group).post(bulk::export_group),
+        )
+        .route(
+            "/$export-status/{job}",
+            get(bulk::export_status).delete(bulk::cancel_export),
+        )
+        .route("/$export-file/{job}/{file}", get(bulk::export_file))
         .route("/_history", get(history::system_history))
         .route(
             "/{resource_type}",
@@ -140,6 +158,10 @@ impl From<RecordError> for FhirError {
                 "deleted",
                 "this patient's data was crypto-shredded and can no longer be read",
             ),
+            RecordError::NotInView(reason) => Self::new(StatusCode::FORBIDDEN, "forbidden", reason),
+            RecordError::Busy(reason) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "throttled", reason)
+            }
             RecordError::TooBroad => {
                 Self::new(StatusCode::BAD_REQUEST, "too-costly", error.to_string())
             }
@@ -233,6 +255,8 @@ impl<S: Send + Sync> FromRequest<S> for FhirBody {
 pub struct Prefer {
     pub return_kind: ReturnKind,
     pub strict: bool,
+    /// The client asked for lenient handling explicitly.
+    pub lenient: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -252,8 +276,14 @@ impl Prefer {
                     "return=minimal" => prefer.return_kind = ReturnKind::Minimal,
                     "return=representation" => prefer.return_kind = ReturnKind::Representation,
                     "return=OperationOutcome" => prefer.return_kind = ReturnKind::OperationOutcome,
-                    "handling=strict" => prefer.strict = true,
-                    "handling=lenient" => prefer.strict = false,
+                    "handling=strict" => {
+                        prefer.strict = true;
+                        prefer.lenient = false;
+                    }
+                    "handling=lenient" => {
+                        prefer.strict = false;
+                        prefer.lenient = true;
+                    }
                     _ => {}
                 }
             }
@@ -271,11 +301,13 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// A record read back. A de-identified record carries no version headers: `Last-Modified`
+    /// is a full date, which the de-identified view does not show.
     pub fn with_resource(status: StatusCode, record: &Record) -> Self {
         Self {
             status,
             resource: Some(resource_with_meta(record)),
-            version: Some(record.meta.clone()),
+            version: (!record.view.is_deidentified()).then(|| record.meta.clone()),
         }
     }
 
@@ -421,8 +453,9 @@ pub fn names_caller(resource_type: &str, resource: &Value, caller_id: &str) -> b
     }
 }
 
-/// Parses a request body as a resource of `resource_type`.
-pub fn parse_resource(resource_type: &str, body: &[u8]) -> Result<Value, FhirError> {
+/// Parses a request body as a resource of `resource_type`; `strict` (`Prefer:
+/// handling=strict`) also refuses elements the R4 model does not know.
+pub fn parse_resource(resource_type: &str, body: &[u8], strict: bool) -> Result<Value, FhirError> {
     let resource: Value = serde_json::from_slice(body).map_err(|_| {
         FhirError::new(
             StatusCode::BAD_REQUEST,
@@ -430,13 +463,18 @@ pub fn parse_resource(resource_type: &str, body: &[u8]) -> Result<Value, FhirErr
             "the body is not valid JSON",
         )
     })?;
-    check_resource(resource_type, &resource)?;
+    check_resource(resource_type, &resource, strict)?;
     Ok(resource)
 }
 
 /// The checks every stored resource passes: an object of the URL's type whose references are
-/// well formed.
-pub fn check_resource(resource_type: &str, resource: &Value) -> Result<(), FhirError> {
+/// well formed and whose elements fit the R4 model (see `glastonbury_fhir::validate`); with
+/// `strict`, every element must be one the model knows.
+pub fn check_resource(
+    resource_type: &str,
+    resource: &Value,
+    strict: bool,
+) -> Result<(), FhirError> {
     let object = resource.as_object().ok_or_else(|| {
         FhirError::new(
             StatusCode::BAD_REQUEST,
@@ -463,7 +501,37 @@ pub fn check_resource(resource_type: &str, resource: &Value) -> Result<(), FhirE
     for reference in literal_references(resource) {
         check_reference(&reference)?;
     }
-    Ok(())
+    check_structure(resource_type, resource, strict)
+}
+
+/// The most unknown elements named in one answer.
+const UNKNOWN_ELEMENTS_NAMED: usize = 10;
+
+fn check_structure(resource_type: &str, resource: &Value, strict: bool) -> Result<(), FhirError> {
+    use glastonbury_fhir::validate::{Validation, validate};
+    match validate(resource_type, resource) {
+        Err(invalid) => Err(FhirError::new(
+            StatusCode::BAD_REQUEST,
+            "structure",
+            invalid.to_string(),
+        )),
+        Ok(Validation::Checked { unknown_elements }) if strict && !unknown_elements.is_empty() => {
+            let named: Vec<&str> = unknown_elements
+                .iter()
+                .take(UNKNOWN_ELEMENTS_NAMED)
+                .map(String::as_str)
+                .collect();
+            Err(FhirError::new(
+                StatusCode::BAD_REQUEST,
+                "structure",
+                format!(
+                    "unknown elements (refused under Prefer: handling=strict): {}",
+                    named.join(", ")
+                ),
+            ))
+        }
+        Ok(_) => Ok(()),
+    }
 }
 
 fn check_reference(reference: &str) -> Result<(), FhirError> {
@@ -546,9 +614,21 @@ pub fn with_meta(mut resource: Value, version: &RecordVersion) -> Value {
     resource
 }
 
+/// The resource of a record with its `meta.versionId` and `meta.lastUpdated` (only the version
+/// in a de-identified view: the update time is a full date).
 pub fn resource_with_meta(record: &Record) -> Value {
     let resource: Value = serde_json::from_slice(&record.body).unwrap_or(Value::Null);
-    with_meta(resource, &record.meta)
+    if !record.view.is_deidentified() {
+        return with_meta(resource, &record.meta);
+    }
+    let mut resource = resource;
+    if let Some(meta) = resource.get_mut("meta").and_then(Value::as_object_mut) {
+        meta.insert(
+            "versionId".to_owned(),
+            Value::String(record.meta.version.to_string()),
+        );
+    }
+    resource
 }
 
 pub fn instant(micros: i64) -> String {
@@ -562,7 +642,7 @@ pub fn instant(micros: i64) -> String {
         .unwrap_or_default()
 }
 
-fn http_date(micros: i64) -> String {
+pub fn http_date(micros: i64) -> String {
     let format = time::macros::format_description!(
         "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
     );

@@ -30,7 +30,8 @@ pub async fn create(
         .map(str::to_owned);
     let outcome = async {
         known_resource_type(&resource_type)?;
-        let resource = parse_resource(&resource_type, &body)?;
+        let resource =
+            parse_resource(&resource_type, &body, Prefer::from_headers(&headers).strict)?;
         create_resource(
             &state,
             &caller,
@@ -73,7 +74,8 @@ pub async fn update(
     let outcome = async {
         known_resource_type(&resource_type)?;
         let precondition = if_match(&headers)?;
-        let resource = parse_resource(&resource_type, &body)?;
+        let resource =
+            parse_resource(&resource_type, &body, Prefer::from_headers(&headers).strict)?;
         update_resource(&state, &caller, &resource_type, &id, resource, precondition).await
     };
     respond(outcome.await, &headers)
@@ -90,7 +92,8 @@ pub async fn conditional_update(
     let outcome = async {
         known_resource_type(&resource_type)?;
         let precondition = if_match(&headers)?;
-        let resource = parse_resource(&resource_type, &body)?;
+        let resource =
+            parse_resource(&resource_type, &body, Prefer::from_headers(&headers).strict)?;
         conditional_update_resource(
             &state,
             &caller,
@@ -424,7 +427,7 @@ pub async fn patch_resource(
             error.to_string(),
         )
     })?;
-    check_resource(resource_type, &patched).map_err(|error| {
+    check_resource(resource_type, &patched, false).map_err(|error| {
         FhirError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "processing",

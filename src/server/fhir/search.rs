@@ -390,12 +390,16 @@ pub async fn everything(
             .authorize::<access::Read>(&caller, "Patient")
             .await?;
         records.read(&allowed, &id).await?;
+        // A type is listed when the caller may read it in this view (or in any view, when this
+        // view is de-identified: then everything leaves de-identified).
         let readable: Vec<String> = SearchParameters::r4()
             .resource_types()
             .filter(|resource_type| {
                 records
                     .permitted::<access::Read>(&caller, resource_type)
-                    .is_some()
+                    .is_some_and(|other| {
+                        other.view() == allowed.view() || allowed.view().is_deidentified()
+                    })
             })
             .map(str::to_owned)
             .collect();
