@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the test suite talks to that is not part of the Rust build: the Debian `age` CLI
-# (interop test), psql/pg_dump (PostgreSQL suite). Idempotent; quiet when everything is present.
+# (interop test), psql/pg_dump (PostgreSQL suite), dcmtk (echoscu/storescu/findscu), the test
+# OpenID provider (npm) and the Python clients (.venv). Idempotent; quiet when all is present.
 set -euo pipefail
 
 missing=()
 command -v age >/dev/null 2>&1 || missing+=(age)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v pg_dump >/dev/null 2>&1 || missing+=(postgresql-client)
+command -v storescu >/dev/null 2>&1 || missing+=(dcmtk)
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing test dependencies: ${missing[*]}"
@@ -34,9 +36,10 @@ if [ ! -d "$idp_dir/node_modules/oidc-provider" ]; then
   fi
 fi
 
-# Python clients (fhirclient, PyJWT) in the project's own virtual environment.
+# Python clients (fhirclient, fhirpy, PyJWT, pydicom, pynetdicom, dicomweb-client) in the
+# project's own virtual environment.
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if [ ! -x "$root/.venv/bin/python" ] || ! "$root/.venv/bin/python" -c "import fhirclient, jwt" >/dev/null 2>&1; then
+if [ ! -x "$root/.venv/bin/python" ] || ! "$root/.venv/bin/python" -c "import fhirclient, fhirpy, jwt, pydicom, pydicom_data, pynetdicom, dicomweb_client" >/dev/null 2>&1; then
   echo "installing the Python test clients into .venv"
   python3 -m venv "$root/.venv"
   "$root/.venv/bin/pip" install --quiet --disable-pip-version-check -r "$root/tests/python/requirements.txt"

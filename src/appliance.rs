@@ -194,6 +194,7 @@ async fn create_first_admin(clients: &Clients) -> Result<Option<FirstAdmin>, Sto
         name: "first-admin".to_owned(),
         role: Role::Admin,
         scopes: Vec::<Scope>::new(),
+        ae_title: None,
     };
     let (client_id, client_secret) = clients.create_with_secret(&admin).await?;
     Ok(Some(FirstAdmin {

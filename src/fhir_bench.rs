@@ -118,6 +118,7 @@ async fn start(appliance: Appliance) -> anyhow::Result<Target> {
         .clients
         .create_with_secret(&NewClient {
             name: "fhir benchmark".to_owned(),
+            ae_title: None,
             role: Role::Clinician,
             scopes: vec![
                 "system/*.cruds"

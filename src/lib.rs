@@ -5,6 +5,7 @@ pub mod access;
 pub mod appliance;
 pub mod auth;
 pub mod config;
+pub mod dimse;
 pub mod journal;
 pub mod records;
 pub mod server;

@@ -13,6 +13,7 @@ use secrecy::ExposeSecret;
 
 mod audit_cli;
 mod bench;
+mod deid_cli;
 mod fhir_bench;
 
 use glastonbury::access::{Principal, Role, Scope};
@@ -90,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: audit_cli::AuditCommand,
     },
+    /// De-identify data offline (the input is only read).
+    Deid {
+        #[command(subcommand)]
+        command: DeidCommand,
+    },
     /// Write a synthetic patient population as FHIR transaction Bundles (one file per patient),
     /// for tests, demos and benchmarks. Deterministic: the same seed gives the same data.
     Synth {
@@ -142,6 +148,28 @@ enum ClientsCommand {
         /// (https; http only on loopback). Fetched when needed, reused for 5 minutes.
         #[arg(long, conflicts_with_all = ["secret", "jwks"], value_name = "URL")]
         jwks_url: Option<String>,
+        /// Make the client a DICOM peer calling from this AE title (1 to 16 characters): DIMSE
+        /// associations from it are accepted and act with this client's role and scopes.
+        #[arg(long, value_name = "AE")]
+        ae_title: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeidCommand {
+    /// De-identify a DICOM file, or every DICOM file of a folder, with a PS3.15 profile into a
+    /// new file or folder. UIDs map consistently within a run (or across runs with --key-file).
+    Dicom {
+        /// A DICOM Part 10 file or a folder of them.
+        input: PathBuf,
+        /// Where to write (a file, or a folder mirroring the input's).
+        output: PathBuf,
+        /// A profile of policies/deidentification.toml (or of $GLASTONBURY_POLICIES_DIR).
+        #[arg(long, default_value = "basic")]
+        profile: String,
+        /// 64 hex characters keying UID remapping and date shifts (default: fresh per run).
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -256,6 +284,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             out,
         } => write_synthetic_population(patients, seed, &out),
+        Command::Deid {
+            command:
+                DeidCommand::Dicom {
+                    input,
+                    output,
+                    profile,
+                    key_file,
+                },
+        } => {
+            let profile = deid_cli::load_profile(settings.policies_dir.as_deref(), &profile)?;
+            deid_cli::run(&input, &output, &profile, key_file.as_deref(), cli.json)
+        }
         Command::Bench {
             records,
             postgres,
@@ -268,6 +308,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             bench::run(records, postgres.as_deref(), cli.json).await
         }
     }
+}
+
+/// A DICOM AE title: 1 to 16 printable ASCII characters (no backslash), not all spaces.
+fn valid_ae_title(title: &str) -> bool {
+    !title.trim().is_empty()
+        && title.len() <= 16
+        && title
+            .chars()
+            .all(|character| character.is_ascii_graphic() && character != '\\' || character == ' ')
 }
 
 fn write_synthetic_population(
@@ -362,13 +411,26 @@ async fn clients(settings: Settings, command: ClientsCommand, json: bool) -> any
         secret: _,
         jwks,
         jwks_url,
+        ae_title,
     } = command;
+    if let Some(title) = &ae_title
+        && !valid_ae_title(title)
+    {
+        bail!(
+            "an AE title is 1 to 16 printable ASCII characters, not only spaces, without backslash"
+        );
+    }
     let role: Role = role.parse().map_err(anyhow::Error::msg)?;
     let scopes = scopes
         .iter()
         .map(|text| text.parse::<Scope>())
         .collect::<Result<Vec<_>, _>>()?;
-    let new_client = NewClient { name, role, scopes };
+    let new_client = NewClient {
+        name,
+        role,
+        scopes,
+        ae_title: ae_title.map(|title| title.trim().to_owned()),
+    };
     if let Some(url) = jwks_url {
         glastonbury::auth::assertions::validate_jwks_url(&url).map_err(anyhow::Error::msg)?;
         let (appliance, _) = open(settings).await?;

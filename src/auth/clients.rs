@@ -15,6 +15,8 @@ pub struct NewClient {
     pub name: String,
     pub role: Role,
     pub scopes: Vec<Scope>,
+    /// The DICOM AE title this client calls from, when it is a DICOM peer (unique).
+    pub ae_title: Option<String>,
 }
 
 /// A registered client as the token endpoint sees it.
@@ -124,8 +126,8 @@ impl Clients {
             StoredCredential::JwksUrl(url) => (None, None, Some(url)),
         };
         sqlx::query(
-            "INSERT INTO clients (client_id, name, role, scopes, secret_sha256, jwks, jwks_url, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO clients (client_id, name, role, scopes, secret_sha256, jwks, jwks_url, created_at, ae_title) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&client_id)
         .bind(&client.name)
@@ -135,6 +137,7 @@ impl Clients {
         .bind(jwks)
         .bind(jwks_url)
         .bind(now_micros())
+        .bind(client.ae_title.clone())
         .execute(self.database.pool())
         .await?;
         Ok(client_id)
@@ -153,6 +156,26 @@ impl Clients {
         .await?;
         let Some(row) = row else { return Ok(None) };
         registration_from_row(client_id, &row)
+    }
+
+    /// The enabled DICOM peers by AE title: who may open a DIMSE association, and as whom.
+    pub async fn dicom_peers(
+        &self,
+    ) -> Result<std::collections::HashMap<String, ClientRegistration>, StorageError> {
+        let rows = sqlx::query(
+            "SELECT name, role, scopes, client_id, ae_title FROM clients WHERE ae_title IS NOT NULL AND disabled_at IS NULL",
+        )
+        .fetch_all(self.database.pool())
+        .await?;
+        let mut peers = std::collections::HashMap::new();
+        for row in rows {
+            let client_id: String = row.try_get(3)?;
+            let ae_title: String = row.try_get(4)?;
+            if let Some(registration) = registration_from_row(&client_id, &row)? {
+                peers.insert(ae_title, registration);
+            }
+        }
+        Ok(peers)
     }
 
     /// Whether any client with this role exists (first start creates the first admin).

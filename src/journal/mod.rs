@@ -22,7 +22,8 @@ pub use draft::{AuditDraft, JournalIdentity, Outcome};
 /// The event codes the appliance emits (DICOM DCM, FHIR restful-interaction).
 pub mod codes {
     pub use glastonbury_audit::codes::{
-        AUDIT_LOG_USED, Code, EXPORT, PATIENT_RECORD, QUERY, SECURITY_ALERT, USER_AUTHENTICATION,
+        AUDIT_LOG_USED, Code, EXPORT, INSTANCES_TRANSFERRED, PATIENT_RECORD, QUERY, SECURITY_ALERT,
+        USER_AUTHENTICATION,
     };
 }
 

@@ -3,6 +3,7 @@
 //! the blob store, the keys or the journal.
 
 pub mod bulk_export;
+pub mod dicom;
 pub mod egress;
 pub mod search;
 pub mod search_index;
@@ -51,6 +52,8 @@ pub enum RecordError {
     NotInView(String),
     #[error("{0}")]
     Busy(String),
+    #[error("{0}")]
+    Invalid(String),
     #[error("the record writer is not running")]
     Unavailable,
     #[error("audit leaf could not be made: {0}")]
@@ -488,6 +491,7 @@ impl Records {
             blob_key,
             precondition,
             index,
+            dicom: None,
         };
         let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, subtype, action)
             .on(&key.resource_type, Some(&key.resource_id))
@@ -516,6 +520,7 @@ impl Records {
             blob_key: None,
             precondition,
             index: search_index::IndexRows::default(),
+            dicom: None,
         };
         let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, "delete", 'D')
             .on(&key.resource_type, Some(&key.resource_id))

@@ -242,7 +242,7 @@ impl Records {
         Ok((u64::try_from(total).unwrap_or(0), found))
     }
 
-    async fn journal_search(
+    pub(super) async fn journal_search(
         &self,
         principal: &Principal,
         decided_by: &[String],

@@ -48,6 +48,50 @@ pub fn id_pseudonym(blind: &BlindIndex, resource_type: &str, id: &str) -> String
     blind.verbatim(&field(resource_type, "_id", "code"), id)
 }
 
+/// The token a FHIR Patient's identifier value has (any system), so other surfaces (DICOM's
+/// PatientID) can find the Patient they belong to.
+pub fn patient_identifier_token(blind: &BlindIndex, value: &str) -> String {
+    blind.verbatim(&field("Patient", "identifier", "code"), value)
+}
+
+/// The record type of DICOM instances, and the owner of their index rows.
+pub const DICOM_INSTANCE: &str = "DicomInstance";
+
+/// The index rows of one identifying DICOM attribute value: exact values as one token, person
+/// names as word-prefix tokens (so `SMI*` finds `Smith^John`).
+pub fn dicom_token_rows(
+    blind: &BlindIndex,
+    keyword: &str,
+    kind: glastonbury_dicom::attributes::TokenKind,
+    value: &str,
+) -> Vec<TokenRow> {
+    use glastonbury_dicom::attributes::{TokenKind, name_words};
+    let tokens = match kind {
+        TokenKind::Exact => vec![dicom_exact_token(blind, keyword, value)],
+        TokenKind::Name => blind.word_prefix_tokens(
+            &field(DICOM_INSTANCE, keyword, "prefix"),
+            &name_words(value).join(" "),
+        ),
+    };
+    tokens
+        .into_iter()
+        .map(|token| TokenRow {
+            param: keyword.to_owned(),
+            token,
+        })
+        .collect()
+}
+
+/// The token an exact match of an identifying DICOM attribute needs.
+pub fn dicom_exact_token(blind: &BlindIndex, keyword: &str, value: &str) -> String {
+    blind.verbatim(&field(DICOM_INSTANCE, keyword, "exact"), value)
+}
+
+/// The token a person-name word prefix (`SMI` of `SMI*`) needs.
+pub fn dicom_prefix_token(blind: &BlindIndex, keyword: &str, prefix: &str) -> String {
+    blind.prefix_query(&field(DICOM_INSTANCE, keyword, "prefix"), prefix)
+}
+
 /// Turns extracted values into rows; PHI-bearing values leave here only as tokens.
 pub fn index_rows(blind: &BlindIndex, resource_type: &str, entries: &[IndexEntry]) -> IndexRows {
     let mut rows = IndexRows::default();

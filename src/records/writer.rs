@@ -42,6 +42,25 @@ pub struct RowWrite {
     pub precondition: Precondition,
     /// The search index of this version (replaces the previous version's); none for a deletion.
     pub index: IndexRows,
+    /// The imaging index row of a DICOM instance (replaces the previous version's).
+    pub dicom: Option<DicomInstanceRow>,
+}
+
+/// The `dicom_instances` row that comes with a DICOM instance's record row: the QIDO-RS and
+/// C-FIND index (keyed hashes of UIDs, clear values that are not PHI, the encrypted header).
+#[derive(Debug, Clone)]
+pub struct DicomInstanceRow {
+    pub instance_key: String,
+    pub series_key: String,
+    pub study_key: String,
+    pub sop_class_uid: String,
+    pub transfer_syntax_uid: String,
+    pub modality: Option<String>,
+    pub study_date: Option<i64>,
+    pub series_number: Option<i64>,
+    pub instance_number: Option<i64>,
+    /// The header as DICOM JSON, encrypted to the patient's key.
+    pub header: Vec<u8>,
 }
 
 /// An atomic unit of work: rows (all or none) plus the audit leaves that record them.
@@ -281,10 +300,47 @@ async fn write_row(
     if current.is_some() {
         remove_index(connection, row).await?;
     }
+    if let Some(dicom) = &row.dicom {
+        write_dicom_row(connection, &row.patient_ref, dicom, last_updated).await?;
+    }
     Ok(WrittenRow {
         version,
         last_updated,
     })
+}
+
+/// Inserts (or, for a new version of the same instance, replaces) an instance's imaging index row.
+async fn write_dicom_row(
+    connection: &mut AnyConnection,
+    patient_ref: &str,
+    dicom: &DicomInstanceRow,
+    stored_at: i64,
+) -> Result<(), RecordError> {
+    sqlx::query(
+        "INSERT INTO dicom_instances (instance_key, series_key, study_key, patient_ref, sop_class_uid, transfer_syntax_uid, \
+         modality, study_date, series_number, instance_number, header, stored_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         ON CONFLICT (instance_key) DO UPDATE SET series_key = excluded.series_key, study_key = excluded.study_key, \
+         patient_ref = excluded.patient_ref, sop_class_uid = excluded.sop_class_uid, \
+         transfer_syntax_uid = excluded.transfer_syntax_uid, modality = excluded.modality, \
+         study_date = excluded.study_date, series_number = excluded.series_number, \
+         instance_number = excluded.instance_number, header = excluded.header, stored_at = excluded.stored_at",
+    )
+    .bind(&dicom.instance_key)
+    .bind(&dicom.series_key)
+    .bind(&dicom.study_key)
+    .bind(patient_ref)
+    .bind(&dicom.sop_class_uid)
+    .bind(&dicom.transfer_syntax_uid)
+    .bind(dicom.modality.clone())
+    .bind(dicom.study_date)
+    .bind(dicom.series_number)
+    .bind(dicom.instance_number)
+    .bind(dicom.header.clone())
+    .bind(stored_at)
+    .execute(&mut *connection)
+    .await?;
+    Ok(())
 }
 
 /// Rows per multi-row INSERT of index entries. A fixed set of sizes keeps the number of distinct

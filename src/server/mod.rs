@@ -4,6 +4,7 @@
 pub mod audit_routes;
 pub mod authenticate;
 pub mod console;
+pub mod dicomweb;
 pub mod fhir;
 pub mod metrics;
 pub mod probes;
@@ -34,6 +35,8 @@ pub enum ServeError {
     },
     #[error("cannot load TLS certificate or key: {0}")]
     Tls(std::io::Error),
+    #[error(transparent)]
+    Dicom(#[from] crate::dimse::DimseError),
 }
 
 /// What every handler can reach.
@@ -81,6 +84,7 @@ pub fn router(state: AppState) -> Router {
         .merge(token_routes::routes())
         .nest("/fhir", fhir::routes(state.clone()))
         .route("/fhir/", axum::routing::post(fhir::batch_or_transaction))
+        .nest("/dicomweb", dicomweb::routes())
         .nest("/audit", audit_routes::routes())
         .nest("/console", console::routes())
         .fallback(problem::not_found)
@@ -186,6 +190,8 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     tokio::spawn(reload_on_hangup(appliance.clone()));
     tokio::spawn(reload_token_keys_periodically(appliance.clone()));
     tokio::spawn(purge_expired_exports_periodically(appliance.clone()));
+    let dicom_listener = crate::dimse::bind(&appliance).await?;
+    tokio::spawn(crate::dimse::serve(appliance.clone(), dicom_listener));
     let listener = std::net::TcpListener::bind(address)
         .map_err(|source| ServeError::Listen { address, source })?;
     listener

@@ -9,6 +9,7 @@ mod audit_journal;
 mod e2e_audit;
 mod e2e_auth;
 mod e2e_core;
+mod e2e_dicom;
 mod e2e_fhir;
 mod e2e_fhir_bulk;
 mod e2e_fhir_safe_harbor;

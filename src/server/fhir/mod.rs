@@ -159,6 +159,7 @@ impl From<RecordError> for FhirError {
                 "this patient's data was crypto-shredded and can no longer be read",
             ),
             RecordError::NotInView(reason) => Self::new(StatusCode::FORBIDDEN, "forbidden", reason),
+            RecordError::Invalid(reason) => Self::invalid(reason),
             RecordError::Busy(reason) => {
                 Self::new(StatusCode::TOO_MANY_REQUESTS, "throttled", reason)
             }

@@ -1,0 +1,269 @@
+//! One DICOM instance as received: a Part 10 file (STOW-RS) or a data set with its transfer
+//! syntax (C-STORE), checked for structure and for the attributes every stored instance needs,
+//! with failures that map to DIMSE statuses and STOW-RS failure reasons. The bytes are kept
+//! exactly as received: nothing is transcoded.
+
+use std::io::{Cursor, Read};
+
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::meta::FileMetaTableBuilder;
+use dicom_object::{FileMetaTable, InMemDicomObject};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use crate::guard::{self, Encoding};
+
+/// Glastonbury's implementation class UID (a UUID-derived `2.25` UID) and version name, written
+/// into the file meta group of instances received over DIMSE.
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.190244146146843393546735283296574384771";
+pub const IMPLEMENTATION_VERSION_NAME: &str = "GLASTONBURY_01";
+
+/// The largest data set a deflated instance may inflate to (a small file must not become a
+/// huge one in memory).
+pub const MAX_INFLATED_BYTES: u64 = 1 << 30;
+
+const EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1";
+const IMPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2";
+const EXPLICIT_VR_BIG_ENDIAN: &str = "1.2.840.10008.1.2.2";
+const DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN: &str = "1.2.840.10008.1.2.1.99";
+
+/// Why an instance cannot be stored. Messages name attributes, never their values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstanceError {
+    #[error("not a DICOM Part 10 file: no 'DICM' after the 128-byte preamble")]
+    NotPart10,
+    #[error("the file meta information is unreadable")]
+    BadFileMeta,
+    #[error("transfer syntax {0} is not supported")]
+    UnsupportedTransferSyntax(String),
+    #[error("the data set is malformed: {0}")]
+    Malformed(#[from] guard::StructureError),
+    #[error("the data set cannot be parsed")]
+    Unparseable,
+    #[error("the data set lacks {0}")]
+    MissingAttribute(&'static str),
+    #[error("{0} is not a valid UID")]
+    InvalidUid(&'static str),
+    #[error("the SOP Class UID of the data set does not match {0}")]
+    SopClassMismatch(&'static str),
+    #[error("the SOP Instance UID of the data set does not match {0}")]
+    SopInstanceMismatch(&'static str),
+}
+
+impl InstanceError {
+    /// The C-STORE response status (PS3.4 B.2.3) and the STOW-RS Failure Reason (0008,1197).
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::UnsupportedTransferSyntax(_) => 0xC122,
+            Self::MissingAttribute(_)
+            | Self::InvalidUid(_)
+            | Self::SopClassMismatch(_)
+            | Self::SopInstanceMismatch(_) => 0xA900,
+            Self::NotPart10 | Self::BadFileMeta | Self::Malformed(_) | Self::Unparseable => 0xC000,
+        }
+    }
+}
+
+/// A checked instance: its identity, its encoding, its header attributes (the data set without
+/// Pixel Data) and the Part 10 bytes to store.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    pub sop_class_uid: String,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub series_instance_uid: String,
+    pub transfer_syntax_uid: String,
+    /// The data set without Pixel Data (and without other bulk values' bytes kept twice).
+    pub header: InMemDicomObject,
+    /// The Part 10 file, byte for byte as received (or as assembled from a C-STORE data set).
+    pub part10: Vec<u8>,
+}
+
+/// Checks a Part 10 file (STOW-RS).
+pub fn from_part10(bytes: Vec<u8>) -> Result<Instance, InstanceError> {
+    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
+        return Err(InstanceError::NotPart10);
+    }
+    let meta_length = meta_group_length(&bytes[132..])?;
+    let dataset_start = 132usize
+        .checked_add(meta_length)
+        .filter(|start| *start <= bytes.len())
+        .ok_or(InstanceError::BadFileMeta)?;
+    guard::check(&bytes[132..dataset_start], Encoding::ExplicitLittle)?;
+    let mut cursor = Cursor::new(&bytes[128..dataset_start]);
+    let meta = FileMetaTable::from_reader(&mut cursor).map_err(|_| InstanceError::BadFileMeta)?;
+    let transfer_syntax_uid = meta.transfer_syntax().to_owned();
+    let header = parse_data_set(&bytes[dataset_start..], &transfer_syntax_uid)?;
+    let instance = identify(header, transfer_syntax_uid, bytes)?;
+    if meta.media_storage_sop_class_uid() != instance.sop_class_uid {
+        return Err(InstanceError::SopClassMismatch("the file meta information"));
+    }
+    if meta.media_storage_sop_instance_uid() != instance.sop_instance_uid {
+        return Err(InstanceError::SopInstanceMismatch(
+            "the file meta information",
+        ));
+    }
+    Ok(instance)
+}
+
+/// Checks a data set received with C-STORE (its transfer syntax from the presentation context,
+/// its identity from the command) and wraps it, unchanged, in a Part 10 file.
+pub fn from_data_set(
+    data_set: &[u8],
+    transfer_syntax_uid: &str,
+    command_sop_class_uid: &str,
+    command_sop_instance_uid: &str,
+    source_ae_title: &str,
+) -> Result<Instance, InstanceError> {
+    let header = parse_data_set(data_set, transfer_syntax_uid)?;
+    let meta = FileMetaTableBuilder::new()
+        .media_storage_sop_class_uid(command_sop_class_uid)
+        .media_storage_sop_instance_uid(command_sop_instance_uid)
+        .transfer_syntax(transfer_syntax_uid)
+        .implementation_class_uid(IMPLEMENTATION_CLASS_UID)
+        .implementation_version_name(IMPLEMENTATION_VERSION_NAME)
+        .source_application_entity_title(source_ae_title)
+        .build()
+        .map_err(|_| InstanceError::BadFileMeta)?;
+    let mut part10 = Vec::with_capacity(data_set.len() + 512);
+    part10.extend_from_slice(&[0u8; 128]);
+    part10.extend_from_slice(b"DICM");
+    meta.write(&mut part10)
+        .map_err(|_| InstanceError::BadFileMeta)?;
+    part10.extend_from_slice(data_set);
+    let instance = identify(header, transfer_syntax_uid.to_owned(), part10)?;
+    if instance.sop_class_uid != trim_uid(command_sop_class_uid) {
+        return Err(InstanceError::SopClassMismatch("the C-STORE request"));
+    }
+    if instance.sop_instance_uid != trim_uid(command_sop_instance_uid) {
+        return Err(InstanceError::SopInstanceMismatch("the C-STORE request"));
+    }
+    Ok(instance)
+}
+
+/// Reads the whole data set after the structural check (so every declared length fits the
+/// data), and keeps it without Pixel Data.
+fn parse_data_set(
+    data: &[u8],
+    transfer_syntax_uid: &str,
+) -> Result<InMemDicomObject, InstanceError> {
+    let (encoding, parse_as, inflated) = match transfer_syntax_uid {
+        IMPLICIT_VR_LITTLE_ENDIAN => (Encoding::ImplicitLittle, transfer_syntax_uid, None),
+        EXPLICIT_VR_BIG_ENDIAN => (Encoding::ExplicitBig, transfer_syntax_uid, None),
+        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN => (
+            Encoding::ExplicitLittle,
+            EXPLICIT_VR_LITTLE_ENDIAN,
+            Some(inflate(data)?),
+        ),
+        _ => (Encoding::ExplicitLittle, transfer_syntax_uid, None),
+    };
+    let syntax = TransferSyntaxRegistry
+        .get(parse_as)
+        .filter(|syntax| !syntax.is_unsupported() && syntax.can_decode_dataset())
+        .ok_or_else(|| InstanceError::UnsupportedTransferSyntax(transfer_syntax_uid.to_owned()))?;
+    let data = inflated.as_deref().unwrap_or(data);
+    guard::check(data, encoding)?;
+    let mut object = InMemDicomObject::read_dataset_with_ts(data, syntax)
+        .map_err(|_| InstanceError::Unparseable)?;
+    object.remove_element(tags::PIXEL_DATA);
+    Ok(object)
+}
+
+fn inflate(data: &[u8]) -> Result<Vec<u8>, InstanceError> {
+    let mut inflated = Vec::new();
+    flate2::read::DeflateDecoder::new(data)
+        .take(MAX_INFLATED_BYTES + 1)
+        .read_to_end(&mut inflated)
+        .map_err(|_| InstanceError::Unparseable)?;
+    if inflated.len() as u64 > MAX_INFLATED_BYTES {
+        return Err(InstanceError::Unparseable);
+    }
+    Ok(inflated)
+}
+
+/// The file meta group's length in bytes (its group length element plus the group).
+fn meta_group_length(meta: &[u8]) -> Result<usize, InstanceError> {
+    // (0002,0000) UL 4 <length>: 12 bytes in explicit VR little endian.
+    if meta.len() < 12 || meta[0..4] != [0x02, 0x00, 0x00, 0x00] || &meta[4..6] != b"UL" {
+        return Err(InstanceError::BadFileMeta);
+    }
+    let group_length = u32::from_le_bytes([meta[8], meta[9], meta[10], meta[11]]) as usize;
+    Ok(12 + group_length)
+}
+
+fn identify(
+    header: InMemDicomObject,
+    transfer_syntax_uid: String,
+    part10: Vec<u8>,
+) -> Result<Instance, InstanceError> {
+    let uid = |tag: Tag, name: &'static str| -> Result<String, InstanceError> {
+        let value = text_of(&header, tag).ok_or(InstanceError::MissingAttribute(name))?;
+        if !is_valid_uid(&value) {
+            return Err(InstanceError::InvalidUid(name));
+        }
+        Ok(value)
+    };
+    Ok(Instance {
+        sop_class_uid: uid(tags::SOP_CLASS_UID, "SOPClassUID")?,
+        sop_instance_uid: uid(tags::SOP_INSTANCE_UID, "SOPInstanceUID")?,
+        study_instance_uid: uid(tags::STUDY_INSTANCE_UID, "StudyInstanceUID")?,
+        series_instance_uid: uid(tags::SERIES_INSTANCE_UID, "SeriesInstanceUID")?,
+        transfer_syntax_uid: trim_uid(&transfer_syntax_uid).to_owned(),
+        header,
+        part10,
+    })
+}
+
+/// The text of a top-level attribute, trimmed of DICOM padding; `None` when absent or empty.
+pub fn text_of(object: &InMemDicomObject, tag: Tag) -> Option<String> {
+    let element = object.get(tag)?;
+    let text = element.to_str().ok()?;
+    let trimmed =
+        text.trim_matches(|character: char| character == '\0' || character.is_whitespace());
+    (!trimmed.is_empty()).then(|| trimmed.to_owned())
+}
+
+fn trim_uid(uid: &str) -> &str {
+    uid.trim_end_matches(['\0', ' '])
+}
+
+/// A UID: 1 to 64 characters of digits and dots, no empty components, no leading zero.
+pub fn is_valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid.split('.').all(|component| {
+            !component.is_empty()
+                && component.bytes().all(|byte| byte.is_ascii_digit())
+                && (component == "0" || !component.starts_with('0'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uids_are_digits_and_dots() {
+        assert!(is_valid_uid("1.2.840.10008.5.1.4.1.1.2"));
+        assert!(is_valid_uid("2.25.0"));
+        assert!(!is_valid_uid(""));
+        assert!(!is_valid_uid("1..2"));
+        assert!(!is_valid_uid("1.02"));
+        assert!(!is_valid_uid("1.2.a"));
+        assert!(!is_valid_uid(&"1.".repeat(40)));
+    }
+
+    #[test]
+    fn files_without_the_magic_are_refused() {
+        assert_eq!(
+            from_part10(vec![0; 100]).unwrap_err(),
+            InstanceError::NotPart10
+        );
+        let mut bytes = vec![0u8; 200];
+        bytes[128..132].copy_from_slice(b"DICM");
+        assert_eq!(from_part10(bytes).unwrap_err(), InstanceError::BadFileMeta);
+        assert_eq!(InstanceError::NotPart10.status(), 0xC000);
+        assert_eq!(InstanceError::SopClassMismatch("x").status(), 0xA900);
+    }
+}

@@ -1,0 +1,763 @@
+//! DICOM on the record path: storing a checked instance (its Part 10 file encrypted to the
+//! patient's key, its index row, its identifying attributes as blind-index tokens and an audit
+//! leaf, in one unit), answering QIDO-RS / C-FIND queries from that index, and handing out
+//! instances and headers for WADO-RS. Policies and scopes name DICOM data `ImagingStudy`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use dicom_core::Tag;
+use dicom_dictionary_std::tags;
+use glastonbury_dicom::attributes::{
+    IndexedAttributes, TOKEN_ATTRIBUTES, TokenKind, indexed_attributes, name_words,
+};
+use glastonbury_dicom::qido::{Criterion, Include, Level, Matcher, QidoQuery};
+use glastonbury_dicom::{Instance, json};
+use serde_json::{Map, Value};
+use sqlx::Row;
+
+use super::search_index::{
+    DICOM_INSTANCE, IndexRows, dicom_exact_token, dicom_prefix_token, dicom_token_rows,
+    patient_identifier_token,
+};
+use super::writer::{DicomInstanceRow, Precondition, RowWrite};
+use super::{PreparedWrite, RecordError, RecordKey, RecordVersion, Records};
+use crate::access::{self, Allowed, Principal};
+use crate::journal::{AuditDraft, codes};
+use crate::storage::statement::Statement;
+
+/// The resource type DICOM data has in policies, scopes and audit leaves.
+pub const IMAGING_RESOURCE_TYPE: &str = "ImagingStudy";
+
+/// The media type of stored instances.
+pub const DICOM_MEDIA_TYPE: &str = "application/dicom";
+
+/// The most candidate results a query that needs matching on decrypted headers may look at.
+pub const MAX_QUERY_CANDIDATES: usize = 10_000;
+
+/// Where a query or retrieval is confined by its URL (`/studies/{study}/series…`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DicomScope {
+    pub study_uid: Option<String>,
+    pub series_uid: Option<String>,
+    pub instance_uid: Option<String>,
+}
+
+/// One query result: the UIDs that name it (for retrieve URLs) and its DICOM JSON attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DicomMatch {
+    pub study_uid: String,
+    pub series_uid: String,
+    pub instance_uid: String,
+    pub attributes: Map<String, Value>,
+}
+
+/// A stored instance the caller was allowed to retrieve (only [`Records::dicom_instances`]
+/// makes these, after authorizing and journaling the retrieval).
+#[derive(Debug, Clone)]
+pub struct RetrievableInstance {
+    key: RecordKey,
+    patient_ref: String,
+    pub study_uid: String,
+    pub series_uid: String,
+    pub instance_uid: String,
+    pub transfer_syntax_uid: String,
+}
+
+/// A stored instance's keyed hashes (what the index holds instead of UIDs).
+fn dicom_key(blind: &crate::vault::BlindIndex, level: &str, uid: &str) -> String {
+    blind.pseudonym(&format!("dicom-{level}"), uid)
+}
+
+impl Records {
+    /// Stores a checked instance as one unit: record row (file encrypted, in the blob store when
+    /// large), index row, identifying attributes as tokens, and a DICOM Instances Transferred
+    /// leaf. A second store of the same SOP Instance UID becomes a new version.
+    pub async fn store_dicom_instance(
+        &self,
+        allowed: &Allowed<access::Create>,
+        instance: Instance,
+    ) -> Result<RecordVersion, RecordError> {
+        let attributes = indexed_attributes(&instance.header);
+        let patient_ref = self.dicom_patient_ref(&attributes).await?;
+        let header = json::header_json(&instance.header).map_err(|_| {
+            RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned())
+        })?;
+        let header_ciphertext = self
+            .vault
+            .encrypt_for_patient(&patient_ref, header.to_string().as_bytes())
+            .await?;
+        let body_ciphertext = self
+            .vault
+            .encrypt_for_patient(&patient_ref, &instance.part10)
+            .await?;
+        let (inline_body, blob_key) = self.place_ciphertext(&patient_ref, body_ciphertext).await?;
+        let blind = self.vault.blind_index();
+        let instance_key = dicom_key(blind, "instance", &instance.sop_instance_uid);
+        let study_key = dicom_key(blind, "study", &instance.study_instance_uid);
+        let mut index = IndexRows::default();
+        for (tag, value) in &attributes.tokens {
+            let Some((_, kind)) = TOKEN_ATTRIBUTES.iter().find(|(known, _)| known == tag) else {
+                continue;
+            };
+            index
+                .tokens
+                .extend(dicom_token_rows(blind, &keyword(*tag), *kind, value));
+        }
+        index.tokens.sort();
+        index.tokens.dedup();
+        let key = RecordKey::new(DICOM_INSTANCE, &instance_key);
+        let row = RowWrite {
+            resource_type: DICOM_INSTANCE.to_owned(),
+            resource_id: instance_key.clone(),
+            patient_ref: patient_ref.clone(),
+            content_type: DICOM_MEDIA_TYPE.to_owned(),
+            deleted: false,
+            inline_body,
+            blob_key,
+            precondition: Precondition::None,
+            index,
+            dicom: Some(DicomInstanceRow {
+                instance_key,
+                series_key: dicom_key(blind, "series", &instance.series_instance_uid),
+                study_key: study_key.clone(),
+                sop_class_uid: instance.sop_class_uid.clone(),
+                transfer_syntax_uid: instance.transfer_syntax_uid.clone(),
+                modality: attributes.modality.clone(),
+                study_date: attributes.study_date,
+                series_number: attributes.series_number,
+                instance_number: attributes.instance_number,
+                header: header_ciphertext,
+            }),
+        };
+        let draft = AuditDraft::by(
+            allowed.principal(),
+            codes::INSTANCES_TRANSFERRED,
+            "store",
+            'C',
+        )
+        .on(IMAGING_RESOURCE_TYPE, Some(&study_key))
+        .for_patient(&patient_ref)
+        .decided_by(allowed.decided_by());
+        self.commit_one(PreparedWrite { key, row, draft }).await
+    }
+
+    /// The patient an instance belongs to: the FHIR Patient whose identifier is its PatientID
+    /// (so one key, and one shred, covers both), else a DICOM-only patient of that PatientID.
+    async fn dicom_patient_ref(
+        &self,
+        attributes: &IndexedAttributes,
+    ) -> Result<String, RecordError> {
+        let Some(patient_id) = attributes.patient_id.as_deref() else {
+            return Ok(self.vault.patient_ref(None));
+        };
+        let token = patient_identifier_token(self.vault.blind_index(), patient_id);
+        let owners: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT resource_id FROM search_tokens WHERE token = $1 AND resource_type = 'Patient' AND param = 'identifier' LIMIT 2",
+        )
+        .bind(token)
+        .fetch_all(self.database.pool())
+        .await?;
+        if let [(fhir_patient,)] = owners.as_slice() {
+            return Ok(self.vault.patient_ref(Some(fhir_patient)));
+        }
+        let issuer = attributes
+            .issuer_of_patient_id
+            .as_deref()
+            .unwrap_or_default();
+        Ok(self
+            .vault
+            .patient_ref(Some(&format!("dicom:{issuer}|{patient_id}"))))
+    }
+
+    /// Answers a QIDO-RS (or C-FIND) query within `scope`; journaled as a Query with the query
+    /// text sealed, plus one leaf per patient whose data was returned.
+    pub async fn query_dicom(
+        &self,
+        allowed: &Allowed<access::Search>,
+        query: &QidoQuery,
+        scope: &DicomScope,
+        query_text: &str,
+    ) -> Result<Vec<DicomMatch>, RecordError> {
+        self.refuse_deidentified(allowed.view())?;
+        let plan = self.query_plan(query, scope);
+        let groups = self.candidate_groups(&plan, query).await?;
+        let mut matches = Vec::new();
+        let mut patient_refs = BTreeSet::new();
+        let mut skipped = 0;
+        for group in groups {
+            let header = self
+                .decrypt_header(&group.patient_ref, &group.header)
+                .await?;
+            if !plan
+                .post_filters
+                .iter()
+                .all(|criterion| criterion.matches(&json::all_text(&header, criterion.tag)))
+            {
+                continue;
+            }
+            if plan.page_in_memory && skipped < query.offset {
+                skipped += 1;
+                continue;
+            }
+            patient_refs.insert(group.patient_ref.clone());
+            matches.push(self.render_match(query, &group, &header).await?);
+            if plan.page_in_memory && matches.len() >= query.limit {
+                break;
+            }
+        }
+        self.journal_search(
+            allowed.principal(),
+            allowed.decided_by(),
+            allowed.break_glass(),
+            IMAGING_RESOURCE_TYPE,
+            query_text,
+            &patient_refs,
+        )
+        .await?;
+        Ok(matches)
+    }
+
+    fn refuse_deidentified(&self, view: access::View) -> Result<(), RecordError> {
+        if view.is_deidentified() {
+            return Err(RecordError::NotInView(
+                "no de-identified view of DICOM data is served yet".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Splits a query into SQL conditions on the index and matches done on decrypted headers.
+    fn query_plan(&self, query: &QidoQuery, scope: &DicomScope) -> QueryPlan {
+        let blind = self.vault.blind_index();
+        let mut conditions = Statement::new("");
+        let mut post_filters = Vec::new();
+        let mut needs_headers = false;
+        let scoped = |statement: &mut Statement, column: &str, level: &str, uid: &str| {
+            statement
+                .push(&format!(" AND d.{column} = "))
+                .bind_text(&dicom_key(blind, level, uid));
+        };
+        if let Some(study) = &scope.study_uid {
+            scoped(&mut conditions, "study_key", "study", study);
+        }
+        if let Some(series) = &scope.series_uid {
+            scoped(&mut conditions, "series_key", "series", series);
+        }
+        if let Some(instance) = &scope.instance_uid {
+            scoped(&mut conditions, "instance_key", "instance", instance);
+        }
+        for criterion in &query.criteria {
+            let exact_in_sql = self.add_condition(&mut conditions, criterion, query.level);
+            if !exact_in_sql {
+                needs_headers = true;
+                post_filters.push(criterion.clone());
+            }
+        }
+        QueryPlan {
+            conditions,
+            post_filters,
+            page_in_memory: needs_headers,
+        }
+    }
+
+    /// Adds what SQL can check of one criterion; `true` when SQL checks it exactly.
+    fn add_condition(
+        &self,
+        conditions: &mut Statement,
+        criterion: &Criterion,
+        level: Level,
+    ) -> bool {
+        let blind = self.vault.blind_index();
+        let key_column = match criterion.tag {
+            tags::STUDY_INSTANCE_UID => Some(("study_key", "study")),
+            tags::SERIES_INSTANCE_UID => Some(("series_key", "series")),
+            tags::SOP_INSTANCE_UID => Some(("instance_key", "instance")),
+            _ => None,
+        };
+        if let Some((column, key_level)) = key_column {
+            let uids = uids_of(&criterion.matcher);
+            if uids.is_empty() {
+                return false;
+            }
+            conditions
+                .push(&format!(" AND d.{column} IN "))
+                .bind_text_list(
+                    uids.iter()
+                        .map(|uid| dicom_key(blind, key_level, uid))
+                        .collect::<Vec<_>>()
+                        .iter()
+                        .map(String::as_str),
+                );
+            return true;
+        }
+        match criterion.tag {
+            tags::STUDY_DATE => date_condition(conditions, &criterion.matcher),
+            tags::SOP_CLASS_UID => {
+                let uids = uids_of(&criterion.matcher);
+                if uids.is_empty() {
+                    return false;
+                }
+                conditions
+                    .push(" AND d.sop_class_uid IN ")
+                    .bind_text_list(uids.iter().map(String::as_str));
+                true
+            }
+            tags::MODALITY | tags::MODALITIES_IN_STUDY => {
+                let Some(modalities) = plain_values(&criterion.matcher) else {
+                    return false;
+                };
+                if level == Level::Study {
+                    conditions
+                        .push(" AND d.study_key IN (SELECT study_key FROM dicom_instances WHERE modality IN ")
+                        .bind_text_list(modalities.iter().map(String::as_str))
+                        .push(")");
+                } else {
+                    conditions
+                        .push(" AND d.modality IN ")
+                        .bind_text_list(modalities.iter().map(String::as_str));
+                }
+                true
+            }
+            tags::SERIES_NUMBER | tags::INSTANCE_NUMBER => {
+                let Matcher::Exact(text) = &criterion.matcher else {
+                    return false;
+                };
+                let Ok(number) = text.trim().parse::<i64>() else {
+                    return false;
+                };
+                let column = if criterion.tag == tags::SERIES_NUMBER {
+                    "series_number"
+                } else {
+                    "instance_number"
+                };
+                conditions
+                    .push(&format!(" AND d.{column} = "))
+                    .bind_integer(number);
+                true
+            }
+            tag => self.token_condition(conditions, tag, &criterion.matcher),
+        }
+    }
+
+    /// Identifying attributes narrow through their tokens; only exact values of exact-kind
+    /// attributes are decided by the tokens alone.
+    fn token_condition(&self, conditions: &mut Statement, tag: Tag, matcher: &Matcher) -> bool {
+        let Some((_, kind)) = TOKEN_ATTRIBUTES.iter().find(|(known, _)| *known == tag) else {
+            return false;
+        };
+        let blind = self.vault.blind_index();
+        let keyword = keyword(tag);
+        let (tokens, exact) = match (kind, matcher) {
+            (TokenKind::Exact, Matcher::Exact(value)) => {
+                (vec![dicom_exact_token(blind, &keyword, value)], true)
+            }
+            (TokenKind::Name, Matcher::Exact(value)) => (
+                name_words(value)
+                    .iter()
+                    .map(|word| dicom_prefix_token(blind, &keyword, word))
+                    .collect(),
+                false,
+            ),
+            (TokenKind::Name, Matcher::Wildcard(pattern)) => {
+                let literal: String = pattern
+                    .chars()
+                    .take_while(|c| *c != '*' && *c != '?')
+                    .collect();
+                let first_word = name_words(&literal).into_iter().next();
+                match first_word {
+                    Some(word) if !literal.ends_with(['^', ' ']) || !word.is_empty() => {
+                        (vec![dicom_prefix_token(blind, &keyword, &word)], false)
+                    }
+                    _ => return false,
+                }
+            }
+            _ => return false,
+        };
+        for token in tokens {
+            conditions
+                .push(" AND d.instance_key IN (SELECT resource_id FROM search_tokens WHERE resource_type = ")
+                .bind_text(DICOM_INSTANCE)
+                .push(" AND param = ")
+                .bind_text(&keyword)
+                .push(" AND token = ")
+                .bind_text(&token)
+                .push(")");
+        }
+        exact
+    }
+
+    /// The result groups (one row per study, series or instance) in a stable order: a page of
+    /// them when SQL decides everything, else every candidate (bounded).
+    async fn candidate_groups(
+        &self,
+        plan: &QueryPlan,
+        query: &QidoQuery,
+    ) -> Result<Vec<Group>, RecordError> {
+        let group_column = match query.level {
+            Level::Study => "d.study_key",
+            Level::Series => "d.series_key",
+            Level::Instance => "d.instance_key",
+        };
+        // The representative instance of a group: the first by key (stable).
+        let mut statement = Statement::new(&format!(
+            "SELECT {group_column}, MIN(d.instance_key) FROM dicom_instances d WHERE 1 = 1"
+        ));
+        statement.append(&plan.conditions);
+        statement.push(&format!(" GROUP BY {group_column} ORDER BY {group_column}"));
+        if plan.page_in_memory {
+            statement.push(&format!(" LIMIT {}", MAX_QUERY_CANDIDATES + 1));
+        } else {
+            statement.push(&format!(" LIMIT {} OFFSET {}", query.limit, query.offset));
+        }
+        let rows = statement.fetch_all(self.database.pool()).await?;
+        if plan.page_in_memory && rows.len() > MAX_QUERY_CANDIDATES {
+            return Err(RecordError::TooBroad);
+        }
+        let representatives: Vec<String> = rows
+            .iter()
+            .map(|row| row.try_get::<String, _>(1))
+            .collect::<Result<_, _>>()?;
+        let mut by_key = BTreeMap::new();
+        for chunk in representatives.chunks(500) {
+            let mut select = Statement::new(
+                "SELECT instance_key, series_key, study_key, patient_ref, header FROM dicom_instances WHERE instance_key IN ",
+            );
+            select.bind_text_list(chunk.iter().map(String::as_str));
+            for row in select.fetch_all(self.database.pool()).await? {
+                let instance_key: String = row.try_get(0)?;
+                by_key.insert(
+                    instance_key.clone(),
+                    Group {
+                        instance_key,
+                        series_key: row.try_get(1)?,
+                        study_key: row.try_get(2)?,
+                        patient_ref: row.try_get(3)?,
+                        header: row.try_get(4)?,
+                    },
+                );
+            }
+        }
+        Ok(representatives
+            .iter()
+            .filter_map(|key| by_key.remove(key))
+            .collect())
+    }
+
+    async fn decrypt_header(
+        &self,
+        patient_ref: &str,
+        ciphertext: &[u8],
+    ) -> Result<Value, RecordError> {
+        let plaintext = self
+            .vault
+            .decrypt_for_patient(patient_ref, ciphertext)
+            .await?;
+        serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)
+    }
+
+    /// A result's attributes: the level's defaults (or what `includefield` names), the
+    /// attributes the query matched or asked for, and the computed counts and modalities.
+    async fn render_match(
+        &self,
+        query: &QidoQuery,
+        group: &Group,
+        header: &Value,
+    ) -> Result<DicomMatch, RecordError> {
+        let defaults = query.level.default_attributes();
+        let asked: BTreeSet<Tag> = query
+            .criteria
+            .iter()
+            .map(|criterion| criterion.tag)
+            .chain(query.requested.iter().copied())
+            .collect();
+        let mut attributes = json::select(header, |tag| match &query.include {
+            Include::All => !is_bulk(tag),
+            Include::Default => defaults.contains(&tag) || asked.contains(&tag),
+            Include::Tags(extra) => {
+                defaults.contains(&tag) || asked.contains(&tag) || extra.contains(&tag)
+            }
+        });
+        let study_uid = json::first_text(header, tags::STUDY_INSTANCE_UID).unwrap_or_default();
+        let series_uid = json::first_text(header, tags::SERIES_INSTANCE_UID).unwrap_or_default();
+        let instance_uid = json::first_text(header, tags::SOP_INSTANCE_UID).unwrap_or_default();
+        match query.level {
+            Level::Study => {
+                attributes.retain(|key, _| json::tag_of_key(key).is_none_or(is_study_level));
+                let (series, instances, modalities) = self.study_counts(&group.study_key).await?;
+                json::put(
+                    &mut attributes,
+                    tags::MODALITIES_IN_STUDY,
+                    "CS",
+                    modalities.into_iter().map(Value::String).collect(),
+                );
+                json::put(
+                    &mut attributes,
+                    tags::NUMBER_OF_STUDY_RELATED_SERIES,
+                    "IS",
+                    vec![Value::from(series)],
+                );
+                json::put(
+                    &mut attributes,
+                    tags::NUMBER_OF_STUDY_RELATED_INSTANCES,
+                    "IS",
+                    vec![Value::from(instances)],
+                );
+            }
+            Level::Series => {
+                let instances = self.series_count(&group.series_key).await?;
+                json::put(
+                    &mut attributes,
+                    tags::NUMBER_OF_SERIES_RELATED_INSTANCES,
+                    "IS",
+                    vec![Value::from(instances)],
+                );
+            }
+            Level::Instance => {}
+        }
+        json::put(
+            &mut attributes,
+            tags::INSTANCE_AVAILABILITY,
+            "CS",
+            vec![Value::from("ONLINE")],
+        );
+        let _ = &group.instance_key;
+        Ok(DicomMatch {
+            study_uid,
+            series_uid,
+            instance_uid,
+            attributes,
+        })
+    }
+
+    async fn study_counts(&self, study_key: &str) -> Result<(i64, i64, Vec<String>), RecordError> {
+        let row = sqlx::query(
+            "SELECT COUNT(DISTINCT series_key), COUNT(*) FROM dicom_instances WHERE study_key = $1",
+        )
+        .bind(study_key)
+        .fetch_one(self.database.pool())
+        .await?;
+        let modalities: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT modality FROM dicom_instances WHERE study_key = $1 AND modality IS NOT NULL ORDER BY modality",
+        )
+        .bind(study_key)
+        .fetch_all(self.database.pool())
+        .await?;
+        Ok((
+            row.try_get(0)?,
+            row.try_get(1)?,
+            modalities.into_iter().map(|(modality,)| modality).collect(),
+        ))
+    }
+
+    async fn series_count(&self, series_key: &str) -> Result<i64, RecordError> {
+        let (count,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM dicom_instances WHERE series_key = $1")
+                .bind(series_key)
+                .fetch_one(self.database.pool())
+                .await?;
+        Ok(count)
+    }
+
+    /// The instances a WADO-RS retrieval names (a study, a series or one instance), in series
+    /// and instance-number order; journaled once per patient as a transfer that begins.
+    pub async fn dicom_instances(
+        &self,
+        allowed: &Allowed<access::Read>,
+        scope: &DicomScope,
+    ) -> Result<Vec<RetrievableInstance>, RecordError> {
+        self.refuse_deidentified(allowed.view())?;
+        let blind = self.vault.blind_index();
+        let mut statement = Statement::new(
+            "SELECT instance_key, patient_ref, header, transfer_syntax_uid FROM dicom_instances d WHERE 1 = 1",
+        );
+        for (uid, column, level) in [
+            (&scope.study_uid, "study_key", "study"),
+            (&scope.series_uid, "series_key", "series"),
+            (&scope.instance_uid, "instance_key", "instance"),
+        ] {
+            if let Some(uid) = uid {
+                statement
+                    .push(&format!(" AND d.{column} = "))
+                    .bind_text(&dicom_key(blind, level, uid));
+            }
+        }
+        statement.push(" ORDER BY d.series_key, d.instance_number, d.instance_key");
+        let rows = statement.fetch_all(self.database.pool()).await?;
+        if rows.is_empty() {
+            return Err(RecordError::NotFound);
+        }
+        let mut instances = Vec::with_capacity(rows.len());
+        let mut patient_refs = BTreeSet::new();
+        for row in rows {
+            let instance_key: String = row.try_get(0)?;
+            let patient_ref: String = row.try_get(1)?;
+            let header_ciphertext: Vec<u8> = row.try_get(2)?;
+            let header = match self.decrypt_header(&patient_ref, &header_ciphertext).await {
+                Ok(header) => header,
+                Err(RecordError::Shredded) => continue,
+                Err(error) => return Err(error),
+            };
+            patient_refs.insert(patient_ref.clone());
+            instances.push(RetrievableInstance {
+                key: RecordKey::new(DICOM_INSTANCE, &instance_key),
+                patient_ref,
+                study_uid: json::first_text(&header, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
+                series_uid: json::first_text(&header, tags::SERIES_INSTANCE_UID)
+                    .unwrap_or_default(),
+                instance_uid: json::first_text(&header, tags::SOP_INSTANCE_UID).unwrap_or_default(),
+                transfer_syntax_uid: row.try_get(3)?,
+            });
+        }
+        if instances.is_empty() {
+            return Err(RecordError::Shredded);
+        }
+        let drafts: Vec<AuditDraft> = patient_refs
+            .iter()
+            .map(|patient_ref| {
+                AuditDraft::by(
+                    allowed.principal(),
+                    codes::INSTANCES_TRANSFERRED,
+                    "retrieve",
+                    'R',
+                )
+                .on(IMAGING_RESOURCE_TYPE, None)
+                .for_patient(patient_ref)
+                .decided_by(allowed.decided_by())
+                .emergency(allowed.break_glass())
+            })
+            .collect();
+        self.journal_many(drafts).await?;
+        Ok(instances)
+    }
+
+    /// The Part 10 file of an instance the caller may retrieve, byte for byte as stored.
+    pub async fn dicom_file(&self, instance: &RetrievableInstance) -> Result<Bytes, RecordError> {
+        let head = self
+            .head(&instance.key)
+            .await?
+            .ok_or(RecordError::NotFound)?;
+        let stored = self.fetch_version(&instance.key, head.version).await?;
+        let _ = &instance.patient_ref;
+        Ok(self.decrypt_stored(stored).await?.body)
+    }
+
+    /// The header (DICOM JSON) of an instance the caller may retrieve.
+    pub async fn dicom_header(&self, instance: &RetrievableInstance) -> Result<Value, RecordError> {
+        let (ciphertext,): (Vec<u8>,) =
+            sqlx::query_as("SELECT header FROM dicom_instances WHERE instance_key = $1")
+                .bind(&instance.key.resource_id)
+                .fetch_one(self.database.pool())
+                .await?;
+        self.decrypt_header(&instance.patient_ref, &ciphertext)
+            .await
+    }
+
+    /// Records that a principal was refused a DICOM association or request (no PHI).
+    pub async fn journal_dicom_refusal(
+        &self,
+        principal: &Principal,
+        reason: &str,
+    ) -> Result<(), RecordError> {
+        let draft = AuditDraft::by(principal, codes::SECURITY_ALERT, "dicom-association", 'E')
+            .failed(crate::journal::Outcome::MinorFailure)
+            .because(reason);
+        self.journal(draft).await
+    }
+}
+
+/// How a query runs.
+struct QueryPlan {
+    conditions: Statement,
+    /// Criteria checked on decrypted headers.
+    post_filters: Vec<Criterion>,
+    /// Whether paging happens after the header checks (some criterion is not decided by SQL).
+    page_in_memory: bool,
+}
+
+struct Group {
+    instance_key: String,
+    series_key: String,
+    study_key: String,
+    patient_ref: String,
+    header: Vec<u8>,
+}
+
+fn keyword(tag: Tag) -> String {
+    use dicom_core::dictionary::DataDictionary;
+    dicom_dictionary_std::StandardDataDictionary
+        .by_tag(tag)
+        .map(|entry| entry.alias.to_owned())
+        .unwrap_or_else(|| format!("{:04X}{:04X}", tag.group(), tag.element()))
+}
+
+fn uids_of(matcher: &Matcher) -> Vec<String> {
+    match matcher {
+        Matcher::Exact(uid) => vec![uid.clone()],
+        Matcher::UidList(uids) => uids.clone(),
+        _ => Vec::new(),
+    }
+}
+
+/// Exact values a matcher names (a single value, or a backslash-separated list).
+fn plain_values(matcher: &Matcher) -> Option<Vec<String>> {
+    match matcher {
+        Matcher::Exact(value) => Some(
+            value
+                .split('\\')
+                .map(|part| part.trim().to_owned())
+                .collect(),
+        ),
+        Matcher::UidList(values) => Some(values.clone()),
+        _ => None,
+    }
+}
+
+fn date_condition(conditions: &mut Statement, matcher: &Matcher) -> bool {
+    use glastonbury_dicom::attributes::date_number;
+    match matcher {
+        Matcher::Exact(value) => match date_number(value) {
+            Some(date) => {
+                conditions.push(" AND d.study_date = ").bind_integer(date);
+                true
+            }
+            None => false,
+        },
+        Matcher::Range { low, high } => {
+            let low = low.as_deref().map(date_number);
+            let high = high.as_deref().map(date_number);
+            if matches!(low, Some(None)) || matches!(high, Some(None)) {
+                return false;
+            }
+            if let Some(Some(low)) = low {
+                conditions.push(" AND d.study_date >= ").bind_integer(low);
+            }
+            if let Some(Some(high)) = high {
+                conditions.push(" AND d.study_date <= ").bind_integer(high);
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Attributes of the patient and study modules (what a study-level result carries).
+fn is_study_level(tag: Tag) -> bool {
+    glastonbury_dicom::qido::STUDY_ATTRIBUTES.contains(&tag)
+        || tag.group() == 0x0010
+        || matches!(
+            tag,
+            tags::STUDY_DATE
+                | tags::STUDY_TIME
+                | tags::ACCESSION_NUMBER
+                | tags::REFERRING_PHYSICIAN_NAME
+                | tags::STUDY_DESCRIPTION
+                | tags::STUDY_ID
+                | tags::ISSUER_OF_PATIENT_ID
+        )
+}
+
+/// Values never inlined in query results.
+fn is_bulk(tag: Tag) -> bool {
+    matches!(tag, tags::PIXEL_DATA) || tag.group() & 0xFF00 == 0x6000 && tag.element() == 0x3000
+}

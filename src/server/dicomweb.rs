@@ -1,0 +1,724 @@
+//! DICOMweb at `/dicomweb` (PS3.18): STOW-RS (streamed, instance by instance, with per-instance
+//! results), QIDO-RS for studies, series and instances, and WADO-RS retrieval of studies,
+//! series and instances as `multipart/related` Part 10 (byte for byte as stored) and of their
+//! metadata as DICOM JSON. Everything goes through the record path's DICOM calls; errors outside
+//! the DICOM status model are RFC 9457 problem documents.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use dicom_dictionary_std::tags;
+use futures::StreamExt;
+use glastonbury_dicom::multipart::{self, PartReader};
+use glastonbury_dicom::qido::{self, Level};
+use glastonbury_dicom::{InstanceError, json};
+use serde_json::{Map, Value, json as json_value};
+
+use super::AppState;
+use super::authenticate::Caller;
+use super::problem::Problem;
+use crate::access;
+use crate::records::RecordError;
+use crate::records::dicom::{DicomMatch, DicomScope, IMAGING_RESOURCE_TYPE, RetrievableInstance};
+
+/// The media type of DICOM JSON.
+pub const DICOM_JSON: &str = "application/dicom+json";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/studies", get(query_studies).post(store))
+        .route("/series", get(query_all_series))
+        .route("/instances", get(query_all_instances))
+        .route(
+            "/studies/{study}",
+            get(retrieve_study).post(store_into_study),
+        )
+        .route("/studies/{study}/metadata", get(study_metadata))
+        .route("/studies/{study}/series", get(query_series_of_study))
+        .route("/studies/{study}/instances", get(query_instances_of_study))
+        .route("/studies/{study}/series/{series}", get(retrieve_series))
+        .route(
+            "/studies/{study}/series/{series}/metadata",
+            get(series_metadata),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances",
+            get(query_instances_of_series),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}",
+            get(retrieve_instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/metadata",
+            get(instance_metadata),
+        )
+}
+
+/// An error of the DICOMweb surface, as a problem document.
+fn problem(error: RecordError) -> Response {
+    let (status, title, detail) = match error {
+        RecordError::Denied(denied) => (StatusCode::FORBIDDEN, "Forbidden", denied.reason),
+        RecordError::NotInView(reason) => (StatusCode::FORBIDDEN, "Forbidden", reason),
+        RecordError::NotFound => (StatusCode::NOT_FOUND, "Not Found", "no such study, series or instance".to_owned()),
+        RecordError::Shredded => (
+            StatusCode::GONE,
+            "Gone",
+            "this patient's data was crypto-shredded and can no longer be read".to_owned(),
+        ),
+        RecordError::TooBroad => (
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "the query needs matching on too many candidates; narrow it with UIDs, dates, modality or identifiers".to_owned(),
+        ),
+        RecordError::Invalid(reason) => (StatusCode::BAD_REQUEST, "Bad Request", reason),
+        other => {
+            tracing::error!(error = %other, "dicomweb request failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "storage is unavailable; nothing was changed".to_owned(),
+            )
+        }
+    };
+    Problem::new(status, title, detail).into_response()
+}
+
+fn bad_request(detail: impl Into<String>) -> Response {
+    Problem::new(StatusCode::BAD_REQUEST, "Bad Request", detail.into()).into_response()
+}
+
+fn base_url(state: &AppState) -> String {
+    format!("{}/dicomweb", state.appliance.tokens.issuer())
+}
+
+fn retrieve_url(
+    state: &AppState,
+    study: &str,
+    series: Option<&str>,
+    instance: Option<&str>,
+) -> String {
+    let mut url = format!("{}/studies/{study}", base_url(state));
+    if let Some(series) = series {
+        url.push_str(&format!("/series/{series}"));
+        if let Some(instance) = instance {
+            url.push_str(&format!("/instances/{instance}"));
+        }
+    }
+    url
+}
+
+// ---------------------------------------------------------------------------------------------
+// QIDO-RS
+
+async fn query_studies(state: State<AppState>, caller: Caller, query: RawQuery) -> Response {
+    run_query(state, caller, query, Level::Study, DicomScope::default()).await
+}
+
+async fn query_all_series(state: State<AppState>, caller: Caller, query: RawQuery) -> Response {
+    run_query(state, caller, query, Level::Series, DicomScope::default()).await
+}
+
+async fn query_all_instances(state: State<AppState>, caller: Caller, query: RawQuery) -> Response {
+    run_query(state, caller, query, Level::Instance, DicomScope::default()).await
+}
+
+async fn query_series_of_study(
+    state: State<AppState>,
+    caller: Caller,
+    Path(study): Path<String>,
+    query: RawQuery,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        ..DicomScope::default()
+    };
+    run_query(state, caller, query, Level::Series, scope).await
+}
+
+async fn query_instances_of_study(
+    state: State<AppState>,
+    caller: Caller,
+    Path(study): Path<String>,
+    query: RawQuery,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        ..DicomScope::default()
+    };
+    run_query(state, caller, query, Level::Instance, scope).await
+}
+
+async fn query_instances_of_series(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series)): Path<(String, String)>,
+    query: RawQuery,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        series_uid: Some(series),
+        ..DicomScope::default()
+    };
+    run_query(state, caller, query, Level::Instance, scope).await
+}
+
+async fn run_query(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    RawQuery(query): RawQuery,
+    level: Level,
+    scope: DicomScope,
+) -> Response {
+    let query_text = query.unwrap_or_default();
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query_text.as_bytes())
+        .into_owned()
+        .collect();
+    let parsed = match qido::parse_query(level, &pairs) {
+        Ok(parsed) => parsed,
+        Err(error) => return bad_request(error.0),
+    };
+    let records = &state.appliance.records;
+    let outcome = async {
+        let allowed = records
+            .authorize::<access::Search>(&caller, IMAGING_RESOURCE_TYPE)
+            .await?;
+        records
+            .query_dicom(&allowed, &parsed, &scope, &query_text)
+            .await
+    };
+    let matches = match outcome.await {
+        Ok(matches) => matches,
+        Err(error) => return problem(error),
+    };
+    let results: Vec<Value> = matches
+        .into_iter()
+        .map(|found| query_result(&state, level, found))
+        .collect();
+    let mut response = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, DICOM_JSON)],
+        Value::Array(results).to_string(),
+    )
+        .into_response();
+    for warning in &parsed.warnings {
+        if let Ok(value) = HeaderValue::from_str(&format!("299 glastonbury \"{warning}\"")) {
+            response.headers_mut().append(header::WARNING, value);
+        }
+    }
+    response
+}
+
+fn query_result(state: &AppState, level: Level, found: DicomMatch) -> Value {
+    let mut attributes = found.attributes;
+    let url = match level {
+        Level::Study => retrieve_url(state, &found.study_uid, None, None),
+        Level::Series => retrieve_url(state, &found.study_uid, Some(&found.series_uid), None),
+        Level::Instance => retrieve_url(
+            state,
+            &found.study_uid,
+            Some(&found.series_uid),
+            Some(&found.instance_uid),
+        ),
+    };
+    json::put(
+        &mut attributes,
+        tags::RETRIEVE_URL,
+        "UR",
+        vec![Value::String(url)],
+    );
+    Value::Object(attributes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// WADO-RS
+
+async fn retrieve_study(
+    state: State<AppState>,
+    caller: Caller,
+    Path(study): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        ..DicomScope::default()
+    };
+    retrieve(state, caller, scope, headers).await
+}
+
+async fn retrieve_series(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        series_uid: Some(series),
+        ..DicomScope::default()
+    };
+    retrieve(state, caller, scope, headers).await
+}
+
+async fn retrieve_instance(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series, instance)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        series_uid: Some(series),
+        instance_uid: Some(instance),
+    };
+    retrieve(state, caller, scope, headers).await
+}
+
+/// What a retrieval's `Accept` asks for: Part 10 files (in any transfer syntax, or one that
+/// must be the stored one: nothing is transcoded).
+fn accepted_transfer_syntax(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("*/*");
+    for candidate in accept.split(',') {
+        let media = candidate
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        let dicom_parts = media == "multipart/related"
+            && multipart::parameter(candidate, "type")
+                .is_none_or(|kind| kind.eq_ignore_ascii_case("application/dicom"));
+        if dicom_parts || media == "*/*" || media == "application/dicom" {
+            let syntax =
+                multipart::parameter(candidate, "transfer-syntax").filter(|syntax| syntax != "*");
+            return Ok(syntax);
+        }
+    }
+    Err(Problem::new(
+        StatusCode::NOT_ACCEPTABLE,
+        "Not Acceptable",
+        "instances are served as multipart/related; type=\"application/dicom\"".to_owned(),
+    ))
+}
+
+async fn retrieve(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    scope: DicomScope,
+    headers: HeaderMap,
+) -> Response {
+    let wanted_syntax = match accepted_transfer_syntax(&headers) {
+        Ok(wanted) => wanted,
+        Err(problem) => return problem.into_response(),
+    };
+    let records = Arc::clone(&state.appliance.records);
+    let instances = match authorized_instances(&records, &caller, &scope).await {
+        Ok(instances) => instances,
+        Err(error) => return problem(error),
+    };
+    if let Some(wanted) = &wanted_syntax
+        && instances
+            .iter()
+            .any(|instance| &instance.transfer_syntax_uid != wanted)
+    {
+        return Problem::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "Not Acceptable",
+            "instances are served in the transfer syntax they were stored in; ask for transfer-syntax=*".to_owned(),
+        )
+        .into_response();
+    }
+    let boundary = uuid::Uuid::new_v4().simple().to_string();
+    let content_type =
+        format!("multipart/related; type=\"application/dicom\"; boundary={boundary}");
+    let closing = multipart::closing(&boundary);
+    let parts = futures::stream::iter(instances)
+        .then(move |instance| {
+            let records = Arc::clone(&records);
+            let boundary = boundary.clone();
+            async move {
+                let file = records
+                    .dicom_file(&instance)
+                    .await
+                    .map_err(|error| std::io::Error::other(error.to_string()))?;
+                let opening = multipart::part_opening(
+                    &boundary,
+                    &format!(
+                        "application/dicom; transfer-syntax={}",
+                        instance.transfer_syntax_uid
+                    ),
+                    &[],
+                );
+                Ok::<_, std::io::Error>(futures::stream::iter([
+                    Ok(Bytes::from(opening)),
+                    Ok(file),
+                    Ok(Bytes::from_static(multipart::PART_END)),
+                ]))
+            }
+        })
+        .map(|part| match part {
+            Ok(chunks) => chunks.left_stream(),
+            Err(error) => futures::stream::iter([Err(error)]).right_stream(),
+        })
+        .flatten()
+        .chain(futures::stream::once(async move {
+            Ok::<_, std::io::Error>(Bytes::from(closing))
+        }));
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, content_type)],
+        Body::from_stream(parts),
+    )
+        .into_response()
+}
+
+async fn authorized_instances(
+    records: &crate::records::Records,
+    caller: &Arc<crate::access::Principal>,
+    scope: &DicomScope,
+) -> Result<Vec<RetrievableInstance>, RecordError> {
+    let allowed = records
+        .authorize::<access::Read>(caller, IMAGING_RESOURCE_TYPE)
+        .await?;
+    records.dicom_instances(&allowed, scope).await
+}
+
+async fn study_metadata(
+    state: State<AppState>,
+    caller: Caller,
+    Path(study): Path<String>,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        ..DicomScope::default()
+    };
+    metadata(state, caller, scope).await
+}
+
+async fn series_metadata(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series)): Path<(String, String)>,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        series_uid: Some(series),
+        ..DicomScope::default()
+    };
+    metadata(state, caller, scope).await
+}
+
+async fn instance_metadata(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series, instance)): Path<(String, String, String)>,
+) -> Response {
+    let scope = DicomScope {
+        study_uid: Some(study),
+        series_uid: Some(series),
+        instance_uid: Some(instance),
+    };
+    metadata(state, caller, scope).await
+}
+
+/// Headers as DICOM JSON; Pixel Data is named by a `BulkDataURI` (the instance itself).
+async fn metadata(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    scope: DicomScope,
+) -> Response {
+    let records = &state.appliance.records;
+    let instances = match authorized_instances(records, &caller, &scope).await {
+        Ok(instances) => instances,
+        Err(error) => return problem(error),
+    };
+    let mut headers = Vec::with_capacity(instances.len());
+    for instance in &instances {
+        let header = match records.dicom_header(instance).await {
+            Ok(header) => header,
+            Err(error) => return problem(error),
+        };
+        let mut object: Map<String, Value> = header.as_object().cloned().unwrap_or_default();
+        json::put_bulk_data(
+            &mut object,
+            tags::PIXEL_DATA,
+            "OB",
+            &retrieve_url(
+                &state,
+                &instance.study_uid,
+                Some(&instance.series_uid),
+                Some(&instance.instance_uid),
+            ),
+        );
+        headers.push(Value::Object(object));
+    }
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, DICOM_JSON)],
+        Value::Array(headers).to_string(),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// STOW-RS
+
+async fn store(state: State<AppState>, caller: Caller, request: Request) -> Response {
+    run_store(state, caller, None, request).await
+}
+
+async fn store_into_study(
+    state: State<AppState>,
+    caller: Caller,
+    Path(study): Path<String>,
+    request: Request,
+) -> Response {
+    run_store(state, caller, Some(study), request).await
+}
+
+/// What happened to one part of a STOW-RS request.
+enum StoreOutcome {
+    Stored {
+        sop_class_uid: String,
+        sop_instance_uid: String,
+        study_uid: String,
+        series_uid: String,
+    },
+    Failed {
+        sop_class_uid: String,
+        sop_instance_uid: String,
+        reason: u16,
+    },
+}
+
+async fn run_store(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    target_study: Option<String>,
+    request: Request,
+) -> Response {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let is_multipart = content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/related");
+    let part_type = multipart::parameter(&content_type, "type");
+    if !is_multipart
+        || part_type
+            .as_deref()
+            .is_some_and(|kind| !kind.eq_ignore_ascii_case("application/dicom"))
+    {
+        return Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type",
+            "STOW-RS takes multipart/related; type=\"application/dicom\"".to_owned(),
+        )
+        .into_response();
+    }
+    let Some(boundary) = multipart::boundary_of(&content_type) else {
+        return bad_request("the multipart Content-Type has no boundary");
+    };
+    let records = &state.appliance.records;
+    let allowed = match records
+        .authorize::<access::Create>(&caller, IMAGING_RESOURCE_TYPE)
+        .await
+    {
+        Ok(allowed) => allowed,
+        Err(error) => return problem(error),
+    };
+    let mut reader = PartReader::new(&boundary, multipart::DEFAULT_MAX_PART_BYTES);
+    let mut body = request.into_body().into_data_stream();
+    let mut outcomes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else {
+            return bad_request("the request body could not be read");
+        };
+        let parts = match reader.push(&chunk) {
+            Ok(parts) => parts,
+            Err(error) => {
+                return stow_answer(
+                    &state,
+                    outcomes,
+                    Some(error.to_string()),
+                    target_study.as_deref(),
+                );
+            }
+        };
+        for part in parts {
+            outcomes.push(store_part(records, &allowed, part, target_study.as_deref()).await);
+        }
+    }
+    if let Err(error) = reader.finish() {
+        return stow_answer(
+            &state,
+            outcomes,
+            Some(error.to_string()),
+            target_study.as_deref(),
+        );
+    }
+    stow_answer(&state, outcomes, None, target_study.as_deref())
+}
+
+async fn store_part(
+    records: &crate::records::Records,
+    allowed: &crate::access::Allowed<access::Create>,
+    part: multipart::Part,
+    target_study: Option<&str>,
+) -> StoreOutcome {
+    let failed = |reason: u16| StoreOutcome::Failed {
+        sop_class_uid: String::new(),
+        sop_instance_uid: String::new(),
+        reason,
+    };
+    if part
+        .media_type()
+        .is_some_and(|media| media != "application/dicom")
+    {
+        return failed(0xC000);
+    }
+    let instance = match glastonbury_dicom::instance::from_part10(part.body) {
+        Ok(instance) => instance,
+        Err(error) => {
+            tracing::info!(reason = %error, "stow part refused");
+            return failed(error.status());
+        }
+    };
+    let sop_class_uid = instance.sop_class_uid.clone();
+    let sop_instance_uid = instance.sop_instance_uid.clone();
+    let study_uid = instance.study_instance_uid.clone();
+    let series_uid = instance.series_instance_uid.clone();
+    if target_study.is_some_and(|study| study != study_uid) {
+        return StoreOutcome::Failed {
+            sop_class_uid,
+            sop_instance_uid,
+            reason: InstanceError::SopInstanceMismatch("the study of the request URL").status(),
+        };
+    }
+    match records.store_dicom_instance(allowed, instance).await {
+        Ok(_) => StoreOutcome::Stored {
+            sop_class_uid,
+            sop_instance_uid,
+            study_uid,
+            series_uid,
+        },
+        Err(error) => {
+            tracing::error!(error = %error, "stow instance not stored");
+            StoreOutcome::Failed {
+                sop_class_uid,
+                sop_instance_uid,
+                reason: 0xA700,
+            }
+        }
+    }
+}
+
+/// The STOW-RS response: 200 when every instance was stored, 202 when some were, 409 when none
+/// were (with each failure's reason), 400 when the body itself was unreadable and nothing stored.
+fn stow_answer(
+    state: &AppState,
+    outcomes: Vec<StoreOutcome>,
+    body_error: Option<String>,
+    target_study: Option<&str>,
+) -> Response {
+    let mut referenced = Vec::new();
+    let mut failed = Vec::new();
+    let mut study_of_request = target_study.map(str::to_owned);
+    for outcome in outcomes {
+        match outcome {
+            StoreOutcome::Stored {
+                sop_class_uid,
+                sop_instance_uid,
+                study_uid,
+                series_uid,
+            } => {
+                let url = retrieve_url(
+                    state,
+                    &study_uid,
+                    Some(&series_uid),
+                    Some(&sop_instance_uid),
+                );
+                study_of_request.get_or_insert(study_uid);
+                referenced.push(json_value!({
+                    "00081150": {"vr": "UI", "Value": [sop_class_uid]},
+                    "00081155": {"vr": "UI", "Value": [sop_instance_uid]},
+                    "00081190": {"vr": "UR", "Value": [url]},
+                }));
+            }
+            StoreOutcome::Failed {
+                sop_class_uid,
+                sop_instance_uid,
+                reason,
+            } => {
+                let mut item = Map::new();
+                let uid_value = |uid: String| {
+                    if uid.is_empty() {
+                        json_value!({"vr": "UI"})
+                    } else {
+                        json_value!({"vr": "UI", "Value": [uid]})
+                    }
+                };
+                item.insert("00081150".to_owned(), uid_value(sop_class_uid));
+                item.insert("00081155".to_owned(), uid_value(sop_instance_uid));
+                item.insert(
+                    "00081197".to_owned(),
+                    json_value!({"vr": "US", "Value": [reason]}),
+                );
+                failed.push(Value::Object(item));
+            }
+        }
+    }
+    if referenced.is_empty() && failed.is_empty() {
+        return bad_request(
+            body_error.unwrap_or_else(|| "the request holds no instance".to_owned()),
+        );
+    }
+    if body_error.is_some() {
+        failed.push(json_value!({
+            "00081150": {"vr": "UI"},
+            "00081155": {"vr": "UI"},
+            "00081197": {"vr": "US", "Value": [0xC000]},
+        }));
+    }
+    let status = match (referenced.is_empty(), failed.is_empty()) {
+        (false, true) => StatusCode::OK,
+        (false, false) => StatusCode::ACCEPTED,
+        _ => StatusCode::CONFLICT,
+    };
+    let mut answer = Map::new();
+    if let Some(study) = &study_of_request {
+        answer.insert(
+            "00081190".to_owned(),
+            json_value!({"vr": "UR", "Value": [retrieve_url(state, study, None, None)]}),
+        );
+    }
+    if !failed.is_empty() {
+        answer.insert(
+            "00081198".to_owned(),
+            json_value!({"vr": "SQ", "Value": failed}),
+        );
+    }
+    if !referenced.is_empty() {
+        answer.insert(
+            "00081199".to_owned(),
+            json_value!({"vr": "SQ", "Value": referenced}),
+        );
+    }
+    (
+        status,
+        [(header::CONTENT_TYPE, DICOM_JSON)],
+        Value::Object(answer).to_string(),
+    )
+        .into_response()
+}

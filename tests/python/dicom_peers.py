@@ -1,0 +1,185 @@
+"""Real DICOM peers for the end-to-end tests: pynetdicom (C-ECHO, C-STORE, C-FIND),
+dicomweb-client (STOW-RS, QIDO-RS, WADO-RS) and an independent pydicom check of
+de-identified output against Table E.1-1. Each subcommand prints one JSON document."""
+import argparse
+import json
+import sys
+
+
+def pynetdicom_store(args):
+    import pydicom
+    from pynetdicom import AE, StoragePresentationContexts
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=args.aet)
+    datasets = []
+    for path in args.files:
+        dataset = pydicom.dcmread(path)
+        datasets.append((path, dataset))
+        ae.add_requested_context(dataset.SOPClassUID, [str(dataset.file_meta.TransferSyntaxUID)])
+    ae.add_requested_context(Verification)
+    association = ae.associate(args.host, args.port, ae_title=args.called)
+    if not association.is_established:
+        print(json.dumps({"established": False}))
+        return
+    results = []
+    for path, dataset in datasets:
+        status = association.send_c_store(dataset)
+        results.append({"file": path, "status": int(status.Status) if status else None,
+                        "comment": str(status.get("ErrorComment", "")) if status else ""})
+    echo = association.send_c_echo()
+    association.release()
+    print(json.dumps({"established": True, "stores": results, "echo_after": int(echo.Status) if echo else None}))
+
+
+def pynetdicom_find(args):
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    ae = AE(ae_title=args.aet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    association = ae.associate(args.host, args.port, ae_title=args.called)
+    if not association.is_established:
+        print(json.dumps({"established": False}))
+        return
+    query = Dataset()
+    query.QueryRetrieveLevel = args.level
+    for pair in args.keys:
+        keyword, _, value = pair.partition("=")
+        setattr(query, keyword, value)
+    matches = []
+    final = None
+    for status, identifier in association.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+        if status is None:
+            break
+        if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+            matches.append({element.keyword: str(element.value) for element in identifier if element.keyword})
+        else:
+            final = int(status.Status)
+    association.release()
+    print(json.dumps({"established": True, "matches": matches, "final": final}))
+
+
+def dicomweb(args):
+    import hashlib
+    import pydicom
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {args.token}"
+    client = DICOMwebClient(url=args.base, session=session)
+    datasets = [pydicom.dcmread(path) for path in args.files]
+    stored = client.store_instances(datasets=datasets)
+    referenced = [str(item.ReferencedSOPInstanceUID) for item in stored.get("ReferencedSOPSequence", [])]
+    report = {"stored": referenced, "failed": len(stored.get("FailedSOPSequence", [])), "round_trips": []}
+    for path, dataset in zip(args.files, datasets):
+        studies = client.search_for_studies(search_filters={"StudyInstanceUID": dataset.StudyInstanceUID})
+        instances = client.search_for_instances(
+            study_instance_uid=dataset.StudyInstanceUID,
+            series_instance_uid=dataset.SeriesInstanceUID,
+            search_filters={"SOPInstanceUID": dataset.SOPInstanceUID})
+        retrieved = client.retrieve_instance(
+            study_instance_uid=dataset.StudyInstanceUID,
+            series_instance_uid=dataset.SeriesInstanceUID,
+            sop_instance_uid=dataset.SOPInstanceUID,
+            media_types=(("application/dicom", "*"),))
+        metadata = client.retrieve_instance_metadata(
+            study_instance_uid=dataset.StudyInstanceUID,
+            series_instance_uid=dataset.SeriesInstanceUID,
+            sop_instance_uid=dataset.SOPInstanceUID)
+        report["round_trips"].append({
+            "file": path,
+            "studies_found": len(studies),
+            "instances_found": len(instances),
+            "same_sop_instance": str(retrieved.SOPInstanceUID) == str(dataset.SOPInstanceUID),
+            "metadata_sop_instance": metadata.get("00080018", {}).get("Value", [None])[0],
+        })
+    print(json.dumps(report))
+
+
+def check_deidentified(args):
+    """Every attribute of Table E.1-1 present in the input got its action in the output."""
+    import pydicom
+    from pydicom.tag import Tag
+
+    table = json.load(open(args.table))
+    rows = [row for row in table["rows"] if "x" not in row["tag"]]
+    source = pydicom.dcmread(args.input)
+    result = pydicom.dcmread(args.output)
+    problems = []
+    checked = 0
+
+    def walk(original, deidentified, path):
+        nonlocal checked
+        for row in rows:
+            tag = Tag(int(row["tag"], 16))
+            if tag not in original:
+                continue
+            element = original[tag]
+            if element.VR == "SQ" and row["action"] in ("K",):
+                continue
+            checked += 1
+            present = tag in deidentified
+            out = deidentified[tag] if present else None
+            empty = (out is None) or out.value in (None, "", b"", []) or (out.VR == "SQ" and len(out.value) == 0)
+            action = row["action"]
+            name = f"{path}{row['keyword'] or row['tag']}"
+            original_value = element.value
+            changed = (out is None) or (str(out.value) != str(original_value)) or original_value in (None, "", b"")
+            if action == "X" and present:
+                problems.append(f"{name}: X but present")
+            elif action == "Z" and (not present or not empty):
+                problems.append(f"{name}: Z but {'absent' if not present else 'not empty'}")
+            elif action in ("D", "Z/D", "X/D", "X/Z/D", "X/Z") and present and element.VR != "SQ" and not changed:
+                problems.append(f"{name}: {action} but unchanged")
+            elif action in ("U", "X/Z/U*") and present and element.VR == "UI" and not empty:
+                if str(out.value) == str(original_value):
+                    problems.append(f"{name}: U but the UID is unchanged")
+        for element in original:
+            if element.VR == "SQ" and element.tag in deidentified and deidentified[element.tag].VR == "SQ":
+                for index, (item, out_item) in enumerate(zip(element.value, deidentified[element.tag].value)):
+                    walk(item, out_item, f"{path}{element.keyword}[{index}].")
+
+    walk(source, result, "")
+    private_left = [str(element.tag) for element in result if element.tag.is_private]
+    if private_left:
+        problems.append(f"private attributes remain: {private_left[:5]}")
+    if getattr(result, "PatientIdentityRemoved", "") != "YES":
+        problems.append("PatientIdentityRemoved is not YES")
+    if "DeidentificationMethodCodeSequence" not in result:
+        problems.append("no DeidentificationMethodCodeSequence")
+    print(json.dumps({"checked": checked, "problems": problems,
+                      "study_uid": str(getattr(result, "StudyInstanceUID", "")),
+                      "series_uid": str(getattr(result, "SeriesInstanceUID", ""))}))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    commands = parser.add_subparsers(dest="command", required=True)
+    store = commands.add_parser("store")
+    find = commands.add_parser("find")
+    for command in (store, find):
+        command.add_argument("--host", default="127.0.0.1")
+        command.add_argument("--port", type=int, required=True)
+        command.add_argument("--aet", required=True)
+        command.add_argument("--called", required=True)
+    store.add_argument("files", nargs="+")
+    find.add_argument("--level", default="STUDY")
+    find.add_argument("keys", nargs="*")
+    web = commands.add_parser("dicomweb")
+    web.add_argument("--base", required=True)
+    web.add_argument("--token", required=True)
+    web.add_argument("files", nargs="+")
+    check = commands.add_parser("check-deid")
+    check.add_argument("--table", required=True)
+    check.add_argument("input")
+    check.add_argument("output")
+    args = parser.parse_args()
+    {"store": pynetdicom_store, "find": pynetdicom_find, "dicomweb": dicomweb,
+     "check-deid": check_deidentified}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,708 @@
+//! The DICOM gateway end to end through the real binary and real peers: dcmtk `echoscu`,
+//! `storescu` and `findscu`, pynetdicom, dicomweb-client and raw DICOMweb over HTTP, with the
+//! DICOM test files shipped in the pydicom wheels (many transfer syntaxes): byte-identical
+//! round trips, QIDO matching, malformed input that fails with clear statuses and stores
+//! nothing, unknown AE titles refused, no PHI at rest, and the offline de-identifier checked by
+//! pydicom against Table E.1-1.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use reqwest::blocking::Client;
+use serde_json::Value;
+
+use crate::common::{Server, files_under, free_port};
+
+/// The test DICOM files installed with pydicom by `scripts/install-test-deps.sh`.
+fn test_files() -> PathBuf {
+    repository().join(".venv/lib/python3.11/site-packages/pydicom/data/test_files")
+}
+
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn python() -> PathBuf {
+    repository().join(".venv/bin/python")
+}
+
+/// Valid instances, one of every transfer syntax the corpus has. Several share their SOP
+/// Instance UID (the same MR image in different encodings).
+const CORPUS: &[&str] = &[
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jp2klossless.dcm",
+    "JPEG2000.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "JPGExtended.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",
+    "SC_rgb_dcmtk_+eb+cr.dcm",
+    "image_dfl.dcm",
+    "waveform_ecg.dcm",
+    "test-SR.dcm",
+];
+
+/// Instances with distinct SOP Instance UIDs (for queries that count).
+const DISTINCT: &[&str] = &[
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "JPEG2000.dcm",
+    "JPGExtended.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",
+    "SC_rgb_dcmtk_+eb+cr.dcm",
+    "image_dfl.dcm",
+    "waveform_ecg.dcm",
+    "test-SR.dcm",
+];
+
+/// A running gateway with a modality AE (may store), a workstation AE (may query) and a
+/// DICOMweb token for each.
+struct Gateway {
+    workspace: tempfile::TempDir,
+    server: Server,
+    dicom_port: u16,
+    client: Client,
+    writer_token: String,
+    reader_token: String,
+}
+
+impl Gateway {
+    fn start() -> Self {
+        let workspace = tempfile::tempdir().unwrap();
+        let dicom_port = free_port();
+        let dicom_addr = format!("127.0.0.1:{dicom_port}");
+        let server = Server::start(
+            &workspace.path().join("data"),
+            &[("GLASTONBURY_DICOM_ADDR", dicom_addr.as_str())],
+        );
+        for (name, role, scope, title) in [
+            ("modality", "device", "system/ImagingStudy.c", "STORESCU"),
+            (
+                "workstation",
+                "clinician",
+                "system/ImagingStudy.rs",
+                "FINDSCU",
+            ),
+        ] {
+            let output = server.command(&[
+                "clients",
+                "create",
+                "--name",
+                name,
+                "--role",
+                role,
+                "--scope",
+                scope,
+                "--ae-title",
+                title,
+                "--json",
+            ]);
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let writer_token = server.token_for("device", &["system/ImagingStudy.c"]);
+        let reader_token = server.token_for("clinician", &["system/ImagingStudy.rs"]);
+        Self {
+            workspace,
+            server,
+            dicom_port,
+            client: Client::new(),
+            writer_token,
+            reader_token,
+        }
+    }
+
+    fn dicomweb(&self, path: &str) -> String {
+        format!("{}/dicomweb/{path}", self.server.base_url)
+    }
+
+    /// A dcmtk tool: options, then the peer, then trailing arguments (files to send).
+    fn dcmtk(
+        &self,
+        program: &str,
+        aet: &str,
+        options: &[&str],
+        trailing: &[&str],
+    ) -> std::process::Output {
+        Command::new(program)
+            .args(["-aet", aet, "-aec", "GLASTONBURY"])
+            .args(options)
+            .args(["127.0.0.1", &self.dicom_port.to_string()])
+            .args(trailing)
+            .output()
+            .unwrap_or_else(|error| panic!("{program} (dcmtk) must be installed: {error}"))
+    }
+
+    fn python(&self, arguments: &[String]) -> Value {
+        let output = Command::new(python())
+            .arg(repository().join("tests/python/dicom_peers.py"))
+            .args(arguments)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    /// A STOW-RS request of these parts (raw bytes), as `token`.
+    fn stow(&self, token: &str, path: &str, parts: &[Vec<u8>]) -> (u16, Value) {
+        let boundary = "glastonbury-test-boundary";
+        let mut body = Vec::new();
+        for part in parts {
+            body.extend(
+                format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").as_bytes(),
+            );
+            body.extend(part);
+            body.extend(b"\r\n");
+        }
+        body.extend(format!("--{boundary}--\r\n").as_bytes());
+        let response = self
+            .client
+            .post(self.dicomweb(path))
+            .bearer_auth(token)
+            .header(
+                "content-type",
+                format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+            )
+            .body(body)
+            .send()
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    fn qido(&self, path: &str) -> Vec<Value> {
+        let response = self
+            .client
+            .get(self.dicomweb(path))
+            .bearer_auth(&self.reader_token)
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        response.json::<Vec<Value>>().unwrap()
+    }
+
+    /// The single part of a WADO-RS instance retrieval.
+    fn retrieve(&self, study: &str, series: &str, instance: &str) -> Vec<u8> {
+        let response = self
+            .client
+            .get(self.dicomweb(&format!(
+                "studies/{study}/series/{series}/instances/{instance}"
+            )))
+            .bearer_auth(&self.reader_token)
+            .header(
+                "accept",
+                "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+            )
+            .send()
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let boundary = glastonbury_dicom::multipart::boundary_of(&content_type).unwrap();
+        let body = response.bytes().unwrap();
+        let mut reader = glastonbury_dicom::multipart::PartReader::new(&boundary, 1 << 30);
+        let mut parts = reader.push(&body).unwrap();
+        reader.finish().unwrap();
+        assert_eq!(parts.len(), 1);
+        parts.remove(0).body
+    }
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(test_files().join(name)).unwrap()
+}
+
+fn identity(name: &str) -> glastonbury_dicom::Instance {
+    glastonbury_dicom::instance::from_part10(read(name)).unwrap()
+}
+
+fn text(value: &Value, tag: &str) -> Option<String> {
+    let first = value.get(tag)?.get("Value")?.get(0)?;
+    match first {
+        Value::String(text) => Some(text.clone()),
+        Value::Object(name) => name.get("Alphabetic")?.as_str().map(str::to_owned),
+        other => Some(other.to_string()),
+    }
+}
+
+#[test]
+fn stow_qido_and_wado_round_trip_every_transfer_syntax_byte_for_byte() {
+    let gateway = Gateway::start();
+    // One at a time: several files are the same instance in different encodings, and a second
+    // store of an instance becomes its current version.
+    for name in CORPUS {
+        let (status, answer) = gateway.stow(&gateway.writer_token, "studies", &[read(name)]);
+        assert_eq!(status, 200, "{name}: {answer}");
+        let instance = identity(name);
+        let studies = gateway.qido(&format!(
+            "studies?StudyInstanceUID={}",
+            instance.study_instance_uid
+        ));
+        assert_eq!(studies.len(), 1, "{name}");
+        assert!(
+            text(&studies[0], "00081190")
+                .unwrap()
+                .ends_with(&instance.study_instance_uid)
+        );
+        let retrieved = gateway.retrieve(
+            &instance.study_instance_uid,
+            &instance.series_instance_uid,
+            &instance.sop_instance_uid,
+        );
+        assert!(retrieved == read(name), "{name} came back different");
+    }
+    // Storing is not reading: the modality's token may not query.
+    let refused = gateway
+        .client
+        .get(gateway.dicomweb("studies"))
+        .bearer_auth(&gateway.writer_token)
+        .send()
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+}
+
+#[test]
+fn qido_matches_names_dates_uid_lists_and_pages() {
+    let gateway = Gateway::start();
+    let parts: Vec<Vec<u8>> = DISTINCT.iter().map(|name| read(name)).collect();
+    assert_eq!(
+        gateway.stow(&gateway.writer_token, "studies", &parts).0,
+        200
+    );
+    let ct = identity("CT_small.dcm");
+    let ct_name =
+        glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::PATIENT_NAME)
+            .unwrap();
+    let prefix: String = ct_name.chars().take(3).collect();
+    let by_name = gateway.qido(&format!("studies?PatientName={prefix}*"));
+    assert!(by_name.iter().any(|study| text(study, "0020000D").as_deref() == Some(ct.study_instance_uid.as_str())));
+    let exact = gateway.qido(&format!("studies?PatientName={}", ct_name.to_lowercase()));
+    assert!(
+        !exact.is_empty(),
+        "person names match without regard to case"
+    );
+    let nobody = gateway.qido("studies?PatientName=ZZZZNOBODY*");
+    assert!(nobody.is_empty());
+    let study_date =
+        glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::STUDY_DATE)
+            .unwrap();
+    let in_range = gateway.qido(&format!(
+        "studies?StudyDate={study_date}-&includefield=StudyDescription"
+    ));
+    assert!(in_range.iter().any(|study| text(study, "0020000D").as_deref() == Some(ct.study_instance_uid.as_str())));
+    let mr = identity("MR_small.dcm");
+    let list = gateway.qido(&format!(
+        "studies?StudyInstanceUID={},{}",
+        ct.study_instance_uid, mr.study_instance_uid
+    ));
+    let uids: BTreeSet<String> = list
+        .iter()
+        .filter_map(|study| text(study, "0020000D"))
+        .collect();
+    assert!(uids.contains(&ct.study_instance_uid) && uids.contains(&mr.study_instance_uid));
+    let all = gateway.qido("studies?limit=1000");
+    let first_page = gateway.qido("studies?limit=2");
+    let second_page = gateway.qido("studies?limit=2&offset=2");
+    assert_eq!(first_page.len(), 2);
+    assert_eq!(&all[..2], &first_page[..]);
+    assert_eq!(&all[2..4], &second_page[..]);
+    let series = gateway.qido(&format!("studies/{}/series", ct.study_instance_uid));
+    assert_eq!(series.len(), 1);
+    assert_eq!(text(&series[0], "00080060").as_deref(), Some("CT"));
+    assert_eq!(text(&series[0], "00201209").as_deref(), Some("1"));
+    let instances = gateway.qido(&format!("instances?SOPInstanceUID={}", ct.sop_instance_uid));
+    assert_eq!(instances.len(), 1);
+    let bad = gateway
+        .client
+        .get(gateway.dicomweb("studies?NoSuchAttribute=1"))
+        .bearer_auth(&gateway.reader_token)
+        .send()
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 400);
+    assert_eq!(bad.headers()["content-type"], "application/problem+json");
+}
+
+#[test]
+fn malformed_input_fails_with_reasons_and_stores_nothing() {
+    let gateway = Gateway::start();
+    let good = read("CT_small.dcm");
+    let mut wrong_preamble = good.clone();
+    wrong_preamble[128..132].copy_from_slice(b"DICX");
+    let truncated = read("MR_truncated.dcm");
+    let mut lying = good.clone();
+    // Make the first data set element after the meta group claim 4 GiB - 2 bytes.
+    let meta_end = 132 + 12 + u32::from_le_bytes(good[140..144].try_into().unwrap()) as usize;
+    lying[meta_end + 6..meta_end + 8].copy_from_slice(&[0xFE, 0xFF]);
+    lying.truncate(meta_end + 400);
+    let (status, answer) = gateway.stow(
+        &gateway.writer_token,
+        "studies",
+        &[
+            wrong_preamble,
+            truncated,
+            lying,
+            b"not dicom at all".to_vec(),
+            read("no_meta.dcm"),
+            // Its file meta names another SOP instance than its data set.
+            read("rtplan.dcm"),
+            // It has no Study or Series Instance UID.
+            read("JPEGLSNearLossless_08.dcm"),
+        ],
+    );
+    assert_eq!(status, 409, "{answer}");
+    let failures = answer["00081198"]["Value"].as_array().unwrap();
+    assert_eq!(failures.len(), 7);
+    for failure in failures {
+        let reason = failure["00081197"]["Value"][0].as_u64().unwrap();
+        assert!([0xC000, 0xA900, 0xC122].contains(&reason), "{failure}");
+    }
+    assert!(gateway.qido("studies").is_empty(), "nothing was stored");
+    // Garbage framing: a clear 400 and nothing stored.
+    let garbage = gateway
+        .client
+        .post(gateway.dicomweb("studies"))
+        .bearer_auth(&gateway.writer_token)
+        .header(
+            "content-type",
+            "multipart/related; type=\"application/dicom\"; boundary=XYZ",
+        )
+        .body("this is not multipart")
+        .send()
+        .unwrap();
+    assert_eq!(garbage.status().as_u16(), 400);
+    let wrong_type = gateway
+        .client
+        .post(gateway.dicomweb("studies"))
+        .bearer_auth(&gateway.writer_token)
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(wrong_type.status().as_u16(), 415);
+    // A mix: the good one is stored (202), the bad one reported.
+    let (status, answer) =
+        gateway.stow(&gateway.writer_token, "studies", &[good, b"junk".to_vec()]);
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(gateway.qido("studies").len(), 1);
+
+    // Over DIMSE, an instance without a Study Instance UID fails its own C-STORE (0xA900) and
+    // the association goes on to store the next one.
+    let report = gateway.python(&[
+        "store".into(),
+        "--port".into(),
+        gateway.dicom_port.to_string(),
+        "--aet".into(),
+        "STORESCU".into(),
+        "--called".into(),
+        "GLASTONBURY".into(),
+        test_files()
+            .join("JPEGLSNearLossless_08.dcm")
+            .display()
+            .to_string(),
+        test_files().join("MR_small_RLE.dcm").display().to_string(),
+    ]);
+    assert_eq!(report["stores"][0]["status"], 0xA900, "{report}");
+    assert_eq!(report["stores"][1]["status"], 0, "{report}");
+    assert_eq!(report["echo_after"], 0, "{report}");
+}
+
+#[test]
+fn dcmtk_and_pynetdicom_echo_store_and_find() {
+    let gateway = Gateway::start();
+    let echo = gateway.dcmtk("echoscu", "STORESCU", &[], &[]);
+    assert!(
+        echo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&echo.stderr)
+    );
+    let stranger = gateway.dcmtk("echoscu", "STRANGER", &[], &[]);
+    assert!(
+        !stranger.status.success(),
+        "an unknown calling AE is rejected"
+    );
+    // storescu proposes one family of transfer syntaxes per run: the uncompressed files go
+    // through it, the compressed ones through pynetdicom below.
+    let uncompressed = [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "waveform_ecg.dcm",
+        "test-SR.dcm",
+    ];
+    let files: Vec<String> = uncompressed
+        .iter()
+        .map(|name| test_files().join(name).display().to_string())
+        .collect();
+    let file_arguments: Vec<&str> = files.iter().map(String::as_str).collect();
+    let stored = gateway.dcmtk("storescu", "STORESCU", &[], &file_arguments);
+    assert!(
+        stored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stored.stderr)
+    );
+    let ct = identity("CT_small.dcm");
+    let found = gateway.dcmtk(
+        "findscu",
+        "FINDSCU",
+        &[
+            "-S",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            &format!("StudyInstanceUID={}", ct.study_instance_uid),
+            "-k",
+            "PatientName",
+            "-k",
+            "ModalitiesInStudy",
+        ],
+        &[],
+    );
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let listing = String::from_utf8_lossy(&found.stderr).to_string()
+        + &String::from_utf8_lossy(&found.stdout);
+    assert!(listing.contains(&ct.study_instance_uid), "{listing}");
+    assert!(listing.contains("CT"), "{listing}");
+    // The modality's AE may store but not query.
+    let modality_find = gateway.dcmtk(
+        "findscu",
+        "STORESCU",
+        &["-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName"],
+        &[],
+    );
+    let modality_listing = String::from_utf8_lossy(&modality_find.stderr).to_string();
+    assert!(!modality_listing.contains(&ct.study_instance_uid));
+
+    // pynetdicom: stores the rest, then C-FIND by name with a wildcard.
+    let rest: Vec<String> = DISTINCT
+        .iter()
+        .filter(|name| !uncompressed.contains(name))
+        .map(|name| test_files().join(name).display().to_string())
+        .collect();
+    let mut arguments = vec![
+        "store".to_owned(),
+        "--port".to_owned(),
+        gateway.dicom_port.to_string(),
+        "--aet".to_owned(),
+        "STORESCU".to_owned(),
+        "--called".to_owned(),
+        "GLASTONBURY".to_owned(),
+    ];
+    arguments.extend(rest);
+    let report = gateway.python(&arguments);
+    for store in report["stores"].as_array().unwrap() {
+        assert_eq!(store["status"], 0, "{store}");
+    }
+    assert_eq!(report["echo_after"], 0);
+    let name =
+        glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::PATIENT_NAME)
+            .unwrap();
+    let prefix: String = name.chars().take(2).collect();
+    let find = gateway.python(&[
+        "find".into(),
+        "--port".into(),
+        gateway.dicom_port.to_string(),
+        "--aet".into(),
+        "FINDSCU".into(),
+        "--called".into(),
+        "GLASTONBURY".into(),
+        "--level".into(),
+        "STUDY".into(),
+        format!("PatientName={prefix}*"),
+        "StudyInstanceUID=".into(),
+    ]);
+    assert_eq!(find["final"], 0, "{find}");
+    assert!(
+        find["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|found| found["StudyInstanceUID"] == ct.study_instance_uid.as_str()),
+        "{find}"
+    );
+    // The refusal of the stranger is in the audit journal.
+    let compliance = gateway.server.token_for("compliance", &[]);
+    let journal = gateway
+        .client
+        .get(format!("{}/audit?limit=1000", gateway.server.base_url))
+        .bearer_auth(&compliance)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(journal.contains("dicom-association"), "{journal}");
+}
+
+#[test]
+fn dicomweb_client_stores_searches_and_retrieves() {
+    let gateway = Gateway::start();
+    let files: Vec<String> = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"]
+        .iter()
+        .map(|name| test_files().join(name).display().to_string())
+        .collect();
+    let mut arguments = vec![
+        "dicomweb".to_owned(),
+        "--base".to_owned(),
+        format!("{}/dicomweb", gateway.server.base_url),
+        "--token".to_owned(),
+        gateway.writer_token.clone(),
+    ];
+    arguments.extend(files.clone());
+    // A store-only token stores, then is refused the search.
+    let store_only = Command::new(python())
+        .arg(repository().join("tests/python/dicom_peers.py"))
+        .args(&arguments)
+        .output()
+        .unwrap();
+    assert!(!store_only.status.success(), "the writer may not search");
+    assert!(String::from_utf8_lossy(&store_only.stderr).contains("403"));
+    // A workstation that may do both.
+    arguments[4] = gateway
+        .server
+        .token_for("clinician", &["system/ImagingStudy.crs"]);
+    let report = gateway.python(&arguments);
+    assert_eq!(report["failed"], 0, "{report}");
+    for round_trip in report["round_trips"].as_array().unwrap() {
+        assert_eq!(round_trip["studies_found"], 1, "{round_trip}");
+        assert_eq!(round_trip["instances_found"], 1, "{round_trip}");
+        assert_eq!(round_trip["same_sop_instance"], true, "{round_trip}");
+    }
+}
+
+#[test]
+fn no_phi_reaches_the_disk_in_the_clear() {
+    let mut gateway = Gateway::start();
+    let parts: Vec<Vec<u8>> = DISTINCT.iter().map(|name| read(name)).collect();
+    assert_eq!(
+        gateway.stow(&gateway.writer_token, "studies", &parts).0,
+        200
+    );
+    let mut names = BTreeSet::new();
+    for name in DISTINCT {
+        let header = identity(name).header;
+        for tag in [
+            dicom_dictionary_std::tags::PATIENT_NAME,
+            dicom_dictionary_std::tags::PATIENT_ID,
+            dicom_dictionary_std::tags::ACCESSION_NUMBER,
+        ] {
+            if let Some(value) = glastonbury_dicom::instance::text_of(&header, tag) {
+                for word in value.split(['^', ' ']) {
+                    if word.len() >= 5 {
+                        names.insert(word.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert!(!names.is_empty());
+    gateway.server.kill_hard();
+    let scanner = aho_corasick::AhoCorasick::new(&names).unwrap();
+    let data_dir = gateway.workspace.path().join("data");
+    for file in files_under(&data_dir) {
+        let bytes = std::fs::read(&file).unwrap();
+        if let Some(found) = scanner.find(&bytes) {
+            panic!(
+                "{} holds {:?} in the clear",
+                file.display(),
+                String::from_utf8_lossy(&bytes[found.start()..found.end()])
+            );
+        }
+    }
+}
+
+#[test]
+fn offline_deidentification_is_complete_and_leaves_its_input_alone() {
+    let scratch = tempfile::tempdir().unwrap();
+    let input = scratch.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    for name in [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "test-SR.dcm",
+        "rtplan.dcm",
+        "priv_SQ.dcm",
+    ] {
+        std::fs::copy(test_files().join(name), input.join(name)).unwrap();
+    }
+    let before: Vec<Vec<u8>> = files_under(&input)
+        .iter()
+        .map(|file| std::fs::read(file).unwrap())
+        .collect();
+    let output = scratch.path().join("out");
+    let run = Command::new(crate::common::binary())
+        .args(["deid", "dicom"])
+        .arg(&input)
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let after: Vec<Vec<u8>> = files_under(&input)
+        .iter()
+        .map(|file| std::fs::read(file).unwrap())
+        .collect();
+    assert_eq!(before, after, "the input is never modified");
+    let table = repository().join("dicom/data/confidentiality-profile.json");
+    let mut study_uids = BTreeSet::new();
+    let mut checked = 0;
+    for name in [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "test-SR.dcm",
+        "rtplan.dcm",
+        "priv_SQ.dcm",
+    ] {
+        let check = Command::new(python())
+            .arg(repository().join("tests/python/dicom_peers.py"))
+            .args(["check-deid", "--table"])
+            .arg(&table)
+            .arg(input.join(name))
+            .arg(output.join(name))
+            .output()
+            .unwrap();
+        assert!(
+            check.status.success(),
+            "{}",
+            String::from_utf8_lossy(&check.stderr)
+        );
+        let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+        checked += report["checked"].as_u64().unwrap();
+        assert_eq!(
+            report["problems"],
+            serde_json::json!([]),
+            "{name}: {report}"
+        );
+        if let Some(uid) = report["study_uid"].as_str().filter(|uid| !uid.is_empty()) {
+            study_uids.insert(uid.to_owned());
+        }
+    }
+    assert!(
+        checked > 50,
+        "Table E.1-1 attributes were checked: {checked}"
+    );
+    assert!(!study_uids.is_empty());
+    assert!(study_uids.iter().all(|uid| uid.starts_with("2.25.")));
+    let _ = Path::new("");
+}
