@@ -40,9 +40,10 @@ const MAX_DATA_SET_BYTES: usize = 2 << 30;
 /// Why the DIMSE listener stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DimseError {
-    #[error("cannot listen for DICOM on {address}: {source}")]
+    #[error("cannot listen for DICOM on {address}")]
     Listen {
         address: SocketAddr,
+        #[source]
         source: std::io::Error,
     },
 }

@@ -170,7 +170,20 @@ impl Server {
         Self::start_with(data_dir, environment)
     }
 
-    pub fn start_with(data_dir: &Path, environment: Vec<(String, String)>) -> Self {
+    pub fn start_with(data_dir: &Path, mut environment: Vec<(String, String)>) -> Self {
+        // Every server gets its own DICOM port, so tests can run side by side.
+        if !environment
+            .iter()
+            .any(|(name, _)| name == "GLASTONBURY_DICOM_ADDR")
+        {
+            environment.insert(
+                0,
+                (
+                    "GLASTONBURY_DICOM_ADDR".to_owned(),
+                    format!("127.0.0.1:{}", free_port()),
+                ),
+            );
+        }
         let port = environment
             .iter()
             .find(|(name, _)| name == "GLASTONBURY_HTTP_ADDR")
