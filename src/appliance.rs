@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use secrecy::SecretString;
 
+use crate::access::deidentification::DeidentificationPolicies;
 use crate::access::{Authorizer, PolicyError, PolicyStore, Role, Scope};
 use crate::auth::{Clients, NewClient, TokenIssuer};
 use crate::config::Settings;
@@ -64,6 +65,8 @@ pub struct Appliance {
     pub tokens: Arc<TokenIssuer>,
     pub checkpoints: Arc<CheckpointService>,
     pub policies: Arc<PolicyStore>,
+    /// De-identification profiles and ingest sources (`deidentification.toml`).
+    pub deidentification: Arc<DeidentificationPolicies>,
     /// When token keys were last reloaded because a token named an unknown key.
     pub token_key_reload: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
     /// The hospital's OpenID provider, when `oidc_issuer` is set.
@@ -74,6 +77,9 @@ impl Appliance {
     /// Opens the appliance, initializing an empty data dir.
     pub async fn open(settings: Settings) -> Result<(Self, Initialization), StartError> {
         let policies = Arc::new(PolicyStore::load(settings.policies_dir.as_deref())?);
+        let deidentification = Arc::new(DeidentificationPolicies::load(
+            settings.policies_dir.as_deref(),
+        )?);
         ensure_data_dir(&settings.data_dir)?;
         let database = Database::connect(&settings.database_url).await?;
         database.migrate().await?;
@@ -107,6 +113,7 @@ impl Appliance {
                 Arc::clone(&vault),
                 identity,
                 Authorizer::new(Arc::clone(&policies)),
+                Arc::clone(&deidentification),
             )
             .with_export_expiry(settings.bulk_export_expiry_seconds),
         );
@@ -143,6 +150,7 @@ impl Appliance {
             tokens,
             checkpoints,
             policies,
+            deidentification,
             token_key_reload: Arc::new(std::sync::Mutex::new(None)),
             external_issuer,
         };

@@ -12,29 +12,13 @@ use glastonbury_dicom::deidentify::{
     DeidentificationError, DeidentificationKey, Profile, deidentify,
 };
 
-/// The profiles file that ships with the appliance (policies/deidentification.toml).
-const DEFAULT_PROFILES: &str = include_str!("../policies/deidentification.toml");
-
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProfilesFile {
-    profiles: std::collections::BTreeMap<String, Profile>,
-}
-
-/// The named profile from `policies_dir/deidentification.toml`, or from the built-in copy.
+/// The named profile of `policies_dir/deidentification.toml` (or of the built-in file).
 pub fn load_profile(policies_dir: Option<&Path>, name: &str) -> anyhow::Result<Profile> {
-    let text = match policies_dir {
-        Some(folder) => {
-            let path = folder.join("deidentification.toml");
-            std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?
-        }
-        None => DEFAULT_PROFILES.to_owned(),
-    };
-    let file: ProfilesFile = toml::from_str(&text).context("deidentification.toml is not valid")?;
-    let known: Vec<String> = file.profiles.keys().cloned().collect();
-    file.profiles
-        .get(name)
+    let policies =
+        glastonbury::access::deidentification::DeidentificationPolicies::load(policies_dir)?;
+    let file = policies.current();
+    let known: Vec<&str> = file.profiles.keys().map(String::as_str).collect();
+    file.profile(name)
         .cloned()
         .with_context(|| format!("no profile {name:?} (known: {})", known.join(", ")))
 }

@@ -201,6 +201,7 @@ async fn association(
             let context = Context {
                 appliance: &appliance,
                 principal: &principal,
+                calling_ae_title: calling.clone(),
                 context_id: complete.context_id,
                 abstract_syntax,
                 transfer_syntax,
@@ -322,6 +323,7 @@ async fn send_reply(
 struct Context<'a> {
     appliance: &'a Appliance,
     principal: &'a Arc<Principal>,
+    calling_ae_title: String,
     context_id: u8,
     abstract_syntax: String,
     transfer_syntax: String,
@@ -402,19 +404,22 @@ impl Context<'_> {
                 );
             }
         };
-        let calling = self.principal.id.clone();
         let instance = match glastonbury_dicom::instance::from_data_set(
             &data_set,
             &self.transfer_syntax,
             sop_class_uid,
             sop_instance_uid,
-            &calling,
+            &self.calling_ae_title,
         ) {
             Ok(instance) => instance,
             Err(error) => return (error.status(), Some(error.to_string())),
         };
-        match records.store_dicom_instance(&allowed, instance).await {
+        match records
+            .store_dicom_instance(&allowed, instance, Some(&self.calling_ae_title))
+            .await
+        {
             Ok(_) => (status::SUCCESS, None),
+            Err(RecordError::Invalid(reason)) => (status::UNABLE_TO_PROCESS, Some(reason)),
             Err(error) => {
                 tracing::error!(error = %error, "c-store not stored");
                 (

@@ -2,6 +2,7 @@
 //! ([`Allowed`]) that proves a decision was made. Record operations take an `Allowed<A>`, which
 //! only [`Authorizer::decide`] can mint, so a forgotten check does not compile.
 
+pub mod deidentification;
 pub mod policy;
 pub mod scopes;
 

@@ -158,6 +158,18 @@ impl Clients {
         registration_from_row(client_id, &row)
     }
 
+    /// The AE title a client calls from, when it is a DICOM peer.
+    pub async fn ae_title_of(&self, client_id: &str) -> Result<Option<String>, StorageError> {
+        let row = sqlx::query("SELECT ae_title FROM clients WHERE client_id = $1")
+            .bind(client_id)
+            .fetch_optional(self.database.pool())
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get(0)?,
+            None => None,
+        })
+    }
+
     /// The enabled DICOM peers by AE title: who may open a DIMSE association, and as whom.
     pub async fn dicom_peers(
         &self,

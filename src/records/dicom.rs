@@ -77,7 +77,15 @@ impl Records {
         &self,
         allowed: &Allowed<access::Create>,
         instance: Instance,
+        source_ae_title: Option<&str>,
     ) -> Result<RecordVersion, RecordError> {
+        let (instance, subtype) = match self.ingest_profile(source_ae_title) {
+            Some(profile) => (
+                self.deidentify_on_ingest(&instance, &profile).await?,
+                "store-deidentified",
+            ),
+            None => (instance, "store"),
+        };
         let attributes = indexed_attributes(&instance.header);
         let patient_ref = self.dicom_patient_ref(&attributes).await?;
         let header = json::header_json(&instance.header).map_err(|_| {
@@ -133,13 +141,43 @@ impl Records {
         let draft = AuditDraft::by(
             allowed.principal(),
             codes::INSTANCES_TRANSFERRED,
-            "store",
+            subtype,
             'C',
         )
         .on(IMAGING_RESOURCE_TYPE, Some(&study_key))
         .for_patient(&patient_ref)
         .decided_by(allowed.decided_by());
         self.commit_one(PreparedWrite { key, row, draft }).await
+    }
+
+    /// The profile the policy applies to instances from this source before storing, if any.
+    fn ingest_profile(
+        &self,
+        source_ae_title: Option<&str>,
+    ) -> Option<glastonbury_dicom::deidentify::Profile> {
+        let policy = self.deidentification.current();
+        source_ae_title
+            .and_then(|title| policy.ingest_profile(title))
+            .cloned()
+    }
+
+    /// The instance as the profile de-identifies it (UIDs remapped under the appliance's key).
+    async fn deidentify_on_ingest(
+        &self,
+        instance: &Instance,
+        profile: &glastonbury_dicom::deidentify::Profile,
+    ) -> Result<Instance, RecordError> {
+        let key = self.vault.deidentification_key().await?;
+        let deidentified =
+            glastonbury_dicom::deidentify::deidentify(&instance.part10, profile, &key)
+                .map_err(|error| RecordError::Invalid(error.to_string()))?;
+        if deidentified.quarantined {
+            return Err(RecordError::Invalid(
+                "burned-in annotation: the instance was not stored (quarantine is not available on ingest)".to_owned(),
+            ));
+        }
+        glastonbury_dicom::instance::from_part10(deidentified.part10)
+            .map_err(|error| RecordError::Invalid(error.to_string()))
     }
 
     /// The patient an instance belongs to: the FHIR Patient whose identifier is its PatientID
@@ -514,6 +552,23 @@ impl Records {
                 );
             }
             Level::Instance => {}
+        }
+        // Every result names its place in the hierarchy (a series its study, an instance its
+        // series and study), whatever the include list.
+        let uid_value = |uid: &str| vec![Value::String(uid.to_owned())];
+        json::put(
+            &mut attributes,
+            tags::STUDY_INSTANCE_UID,
+            "UI",
+            uid_value(&study_uid),
+        );
+        if query.level != Level::Study {
+            json::put(
+                &mut attributes,
+                tags::SERIES_INSTANCE_UID,
+                "UI",
+                uid_value(&series_uid),
+            );
         }
         json::put(
             &mut attributes,

@@ -5,6 +5,7 @@
 pub mod bulk_export;
 pub mod dicom;
 pub mod egress;
+pub mod imaging_study;
 pub mod search;
 pub mod search_index;
 pub mod writer;
@@ -186,6 +187,7 @@ pub struct Records {
     stored_events: broadcast::Sender<RecordStored>,
     inline_limit: usize,
     export_expiry_seconds: u64,
+    deidentification: Arc<access::deidentification::DeidentificationPolicies>,
 }
 
 impl Records {
@@ -195,6 +197,7 @@ impl Records {
         vault: Arc<Vault>,
         identity: JournalIdentity,
         authorizer: Authorizer,
+        deidentification: Arc<access::deidentification::DeidentificationPolicies>,
     ) -> Self {
         let writer = Writer::start(database.clone(), identity);
         let (stored_events, _) = broadcast::channel(1024);
@@ -208,6 +211,7 @@ impl Records {
             stored_events,
             inline_limit: DEFAULT_INLINE_LIMIT,
             export_expiry_seconds: bulk_export::DEFAULT_EXPORT_EXPIRY_SECONDS,
+            deidentification,
         }
     }
 

@@ -538,6 +538,13 @@ async fn run_store(
         Ok(allowed) => allowed,
         Err(error) => return problem(error),
     };
+    let source_ae_title = state
+        .appliance
+        .clients
+        .ae_title_of(&caller.id)
+        .await
+        .ok()
+        .flatten();
     let mut reader = PartReader::new(&boundary, multipart::DEFAULT_MAX_PART_BYTES);
     let mut body = request.into_body().into_data_stream();
     let mut outcomes = Vec::new();
@@ -557,7 +564,16 @@ async fn run_store(
             }
         };
         for part in parts {
-            outcomes.push(store_part(records, &allowed, part, target_study.as_deref()).await);
+            outcomes.push(
+                store_part(
+                    records,
+                    &allowed,
+                    part,
+                    target_study.as_deref(),
+                    source_ae_title.as_deref(),
+                )
+                .await,
+            );
         }
     }
     if let Err(error) = reader.finish() {
@@ -576,6 +592,7 @@ async fn store_part(
     allowed: &crate::access::Allowed<access::Create>,
     part: multipart::Part,
     target_study: Option<&str>,
+    source_ae_title: Option<&str>,
 ) -> StoreOutcome {
     let failed = |reason: u16| StoreOutcome::Failed {
         sop_class_uid: String::new(),
@@ -606,13 +623,24 @@ async fn store_part(
             reason: InstanceError::SopInstanceMismatch("the study of the request URL").status(),
         };
     }
-    match records.store_dicom_instance(allowed, instance).await {
+    match records
+        .store_dicom_instance(allowed, instance, source_ae_title)
+        .await
+    {
         Ok(_) => StoreOutcome::Stored {
             sop_class_uid,
             sop_instance_uid,
             study_uid,
             series_uid,
         },
+        Err(RecordError::Invalid(reason)) => {
+            tracing::info!(reason = %reason, "stow instance refused");
+            StoreOutcome::Failed {
+                sop_class_uid,
+                sop_instance_uid,
+                reason: 0xC000,
+            }
+        }
         Err(error) => {
             tracing::error!(error = %error, "stow instance not stored");
             StoreOutcome::Failed {

@@ -190,6 +190,7 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     tokio::spawn(reload_on_hangup(appliance.clone()));
     tokio::spawn(reload_token_keys_periodically(appliance.clone()));
     tokio::spawn(purge_expired_exports_periodically(appliance.clone()));
+    tokio::spawn(Arc::clone(&appliance.records).derive_imaging_studies());
     let dicom_listener = crate::dimse::bind(&appliance).await?;
     tokio::spawn(crate::dimse::serve(appliance.clone(), dicom_listener));
     let listener = std::net::TcpListener::bind(address)
@@ -283,6 +284,9 @@ async fn reload_on_hangup(appliance: Appliance) {
                 tracing::info!(keys = ?appliance.tokens.key_ids(), "token signing keys reloaded")
             }
             Err(error) => tracing::error!(error = %error, "token signing keys not reloaded"),
+        }
+        if let Err(error) = appliance.deidentification.reload() {
+            tracing::error!(error = %error, "de-identification policy not reloaded; the previous one stays in force");
         }
         match appliance.policies.reload() {
             Ok(count) => tracing::info!(policies = count, "policies reloaded"),

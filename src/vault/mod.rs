@@ -131,6 +131,7 @@ fn patient_key_associated_data(patient_ref: &str) -> Vec<u8> {
 const BLIND_INDEX_SECRET: &str = "blind-index";
 const AUDIT_SIGNING_SECRET: &str = "audit-signing";
 const TOKEN_SIGNING_SECRET: &str = "token-signing";
+const DEIDENTIFICATION_SECRET: &str = "dicom-deidentification";
 
 fn secret_associated_data(name: &str) -> Vec<u8> {
     format!("glastonbury vault secret v1\0{name}").into_bytes()
@@ -313,6 +314,19 @@ impl Vault {
             later => format!("{TOKEN_SIGNING_SECRET}-{later}"),
         };
         Self::load_or_create_secret(&self.database, &master, &name).await
+    }
+
+    /// The key DICOM de-identification remaps UIDs and shifts dates under (created on first
+    /// use), so the same original maps the same way in every de-identified instance.
+    pub async fn deidentification_key(
+        &self,
+    ) -> Result<glastonbury_dicom::deidentify::DeidentificationKey, VaultError> {
+        let master = self.current_master();
+        let seed =
+            Self::load_or_create_secret(&self.database, &master, DEIDENTIFICATION_SECRET).await?;
+        Ok(glastonbury_dicom::deidentify::DeidentificationKey::new(
+            *seed,
+        ))
     }
 
     pub fn protector(&self) -> &dyn MasterKeyProtector {

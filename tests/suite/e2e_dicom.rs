@@ -72,13 +72,16 @@ struct Gateway {
 
 impl Gateway {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(settings: &[(&str, &str)]) -> Self {
         let workspace = tempfile::tempdir().unwrap();
         let dicom_port = free_port();
         let dicom_addr = format!("127.0.0.1:{dicom_port}");
-        let server = Server::start(
-            &workspace.path().join("data"),
-            &[("GLASTONBURY_DICOM_ADDR", dicom_addr.as_str())],
-        );
+        let mut environment = vec![("GLASTONBURY_DICOM_ADDR", dicom_addr.as_str())];
+        environment.extend_from_slice(settings);
+        let server = Server::start(&workspace.path().join("data"), &environment);
         for (name, role, scope, title) in [
             ("modality", "device", "system/ImagingStudy.c", "STORESCU"),
             (
@@ -86,6 +89,12 @@ impl Gateway {
                 "clinician",
                 "system/ImagingStudy.rs",
                 "FINDSCU",
+            ),
+            (
+                "research feed",
+                "device",
+                "system/ImagingStudy.c",
+                "RESEARCH",
             ),
         ] {
             let output = server.command(&[
@@ -268,6 +277,41 @@ fn stow_qido_and_wado_round_trip_every_transfer_syntax_byte_for_byte() {
         );
         assert!(retrieved == read(name), "{name} came back different");
     }
+    // Each study has its FHIR ImagingStudy, derived shortly after its instances are stored.
+    let fhir_reader = gateway
+        .server
+        .token_for("clinician", &["system/ImagingStudy.rs"]);
+    let ct = identity("CT_small.dcm");
+    let search = format!(
+        "{}/fhir/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{}",
+        gateway.server.base_url, ct.study_instance_uid
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let study = loop {
+        let bundle: Value = gateway
+            .client
+            .get(&search)
+            .bearer_auth(&fhir_reader)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if let Some(resource) = bundle["entry"][0]["resource"].as_object() {
+            break Value::Object(resource.clone());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ImagingStudy for the CT study: {bundle}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(study["numberOfInstances"], 1);
+    assert_eq!(study["series"][0]["uid"], ct.series_instance_uid.as_str());
+    assert_eq!(study["modality"][0]["code"], "CT");
+    assert!(
+        study["subject"]["identifier"]["value"].is_string(),
+        "{study}"
+    );
     // Storing is not reading: the modality's token may not query.
     let refused = gateway
         .client
@@ -705,4 +749,92 @@ fn offline_deidentification_is_complete_and_leaves_its_input_alone() {
     assert!(!study_uids.is_empty());
     assert!(study_uids.iter().all(|uid| uid.starts_with("2.25.")));
     let _ = Path::new("");
+}
+
+#[test]
+fn a_research_feed_is_deidentified_on_ingest_by_policy() {
+    let policies = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(repository().join("policies")).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, policies.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let profiles = policies.path().join("deidentification.toml");
+    let mut policy = std::fs::read_to_string(&profiles).unwrap();
+    policy.push_str("\n[ingest]\nRESEARCH = \"research\"\n");
+    std::fs::write(&profiles, policy).unwrap();
+    let folder = policies.path().display().to_string();
+    let gateway = Gateway::start_with(&[("GLASTONBURY_POLICIES_DIR", folder.as_str())]);
+    let ct = identity("CT_small.dcm");
+    let store_from_research = || {
+        gateway.python(&[
+            "store".into(),
+            "--port".into(),
+            gateway.dicom_port.to_string(),
+            "--aet".into(),
+            "RESEARCH".into(),
+            "--called".into(),
+            "GLASTONBURY".into(),
+            test_files().join("CT_small.dcm").display().to_string(),
+        ])
+    };
+    let report = store_from_research();
+    assert_eq!(report["stores"][0]["status"], 0, "{report}");
+    assert!(
+        gateway
+            .qido(&format!(
+                "studies?StudyInstanceUID={}",
+                ct.study_instance_uid
+            ))
+            .is_empty(),
+        "the original study UID was not stored"
+    );
+    let studies = gateway.qido("studies");
+    assert_eq!(studies.len(), 1);
+    let study_uid = text(&studies[0], "0020000D").unwrap();
+    assert!(study_uid.starts_with("2.25."), "{study_uid}");
+    let original_name =
+        glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::PATIENT_NAME)
+            .unwrap();
+    assert!(!studies[0].to_string().contains(&original_name));
+    let instances = gateway.qido(&format!("studies/{study_uid}/instances"));
+    let series_uid = text(&instances[0], "0020000E").unwrap();
+    let instance_uid = text(&instances[0], "00080018").unwrap();
+    let stored = glastonbury_dicom::instance::from_part10(gateway.retrieve(
+        &study_uid,
+        &series_uid,
+        &instance_uid,
+    ))
+    .unwrap();
+    assert_eq!(
+        glastonbury_dicom::instance::text_of(
+            &stored.header,
+            dicom_dictionary_std::tags::PATIENT_IDENTITY_REMOVED
+        )
+        .as_deref(),
+        Some("YES")
+    );
+    // The same feed storing the same image again maps to the same UIDs (one study, one instance).
+    store_from_research();
+    assert_eq!(
+        gateway
+            .qido(&format!("studies/{study_uid}/instances"))
+            .len(),
+        1
+    );
+    // Other sources are stored as sent.
+    assert_eq!(
+        gateway
+            .stow(&gateway.writer_token, "studies", &[read("CT_small.dcm")])
+            .0,
+        200
+    );
+    assert_eq!(
+        gateway
+            .qido(&format!(
+                "studies?StudyInstanceUID={}",
+                ct.study_instance_uid
+            ))
+            .len(),
+        1
+    );
 }

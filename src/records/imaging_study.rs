@@ -1,0 +1,302 @@
+//! The FHIR ImagingStudy of each DICOM study, derived from the imaging index after instances of
+//! the study are stored (the record-stored events are the trigger), so FHIR clients find the
+//! studies the DICOM gateway holds: identifier, subject, start, modalities, series and instances.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_dictionary_std::tags;
+use glastonbury_dicom::json;
+use serde_json::{Value, json as json_value};
+use sqlx::Row;
+
+use super::search_index::{DICOM_INSTANCE, patient_identifier_token};
+use super::writer::{Precondition, RowWrite};
+use super::{PreparedWrite, RecordBody, RecordError, RecordKey, Records};
+use crate::access::{Principal, Role};
+use crate::journal::{AuditDraft, codes};
+
+/// The most instances listed in one ImagingStudy (larger studies list their series only).
+const MAX_LISTED_INSTANCES: usize = 10_000;
+
+/// How long stores of one study are gathered before its ImagingStudy is rebuilt.
+const GATHER: Duration = Duration::from_millis(500);
+
+/// The appliance itself, as the author of derived records.
+fn appliance_principal() -> Principal {
+    Principal {
+        id: "appliance".to_owned(),
+        ..Principal::local_operator(Role::Admin, "HOPERAT")
+    }
+}
+
+/// One stored instance as the derivation reads it.
+struct IndexedInstance {
+    series_key: String,
+    patient_ref: String,
+    header: Value,
+}
+
+impl Records {
+    /// Rebuilds the ImagingStudy of the study `study_key` from its stored instances; journaled
+    /// as a derivation by the appliance.
+    pub async fn derive_imaging_study(&self, study_key: &str) -> Result<(), RecordError> {
+        let rows = sqlx::query(
+            "SELECT series_key, patient_ref, header FROM dicom_instances WHERE study_key = $1 \
+             ORDER BY series_key, instance_number, instance_key",
+        )
+        .bind(study_key)
+        .fetch_all(self.database.pool())
+        .await?;
+        let mut instances = Vec::with_capacity(rows.len().min(MAX_LISTED_INSTANCES));
+        for row in rows.iter().take(MAX_LISTED_INSTANCES) {
+            let patient_ref: String = row.try_get(1)?;
+            let ciphertext: Vec<u8> = row.try_get(2)?;
+            let plaintext = match self
+                .vault
+                .decrypt_for_patient(&patient_ref, &ciphertext)
+                .await
+            {
+                Ok(plaintext) => plaintext,
+                Err(crate::vault::VaultError::PatientShredded) => return Ok(()),
+                Err(error) => return Err(error.into()),
+            };
+            instances.push(IndexedInstance {
+                series_key: row.try_get(0)?,
+                patient_ref,
+                header: serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)?,
+            });
+        }
+        let Some(first) = instances.first() else {
+            return Ok(());
+        };
+        let patient_id = json::first_text(&first.header, tags::PATIENT_ID);
+        let issuer =
+            json::first_text(&first.header, tags::ISSUER_OF_PATIENT_ID).unwrap_or_default();
+        let fhir_patient = match &patient_id {
+            Some(patient_id) => self.fhir_patient_with_identifier(patient_id).await?,
+            None => None,
+        };
+        let resource = imaging_study(study_key, &instances, fhir_patient.as_deref(), rows.len());
+        // The study's key: the FHIR Patient's when linked, else the DICOM-only patient's (the
+        // same one its instances are encrypted to).
+        let record_patient = fhir_patient
+            .clone()
+            .or_else(|| patient_id.as_ref().map(|id| format!("dicom:{issuer}|{id}")));
+        let body = RecordBody::fhir(record_patient, "ImagingStudy", &resource);
+        let patient_ref = self.vault.patient_ref(body.patient_id.as_deref());
+        if patient_ref != first.patient_ref {
+            tracing::warn!(
+                "imaging study derivation skipped: its patient key differs from its instances'"
+            );
+            return Ok(());
+        }
+        let index = super::search_index::index_rows(
+            self.vault.blind_index(),
+            "ImagingStudy",
+            &body.search_index,
+        );
+        let ciphertext = self
+            .vault
+            .encrypt_for_patient(&patient_ref, &body.body)
+            .await?;
+        let (inline_body, blob_key) = self.place_ciphertext(&patient_ref, ciphertext).await?;
+        let key = RecordKey::new("ImagingStudy", study_key);
+        let row = RowWrite {
+            resource_type: key.resource_type.clone(),
+            resource_id: key.resource_id.clone(),
+            patient_ref: patient_ref.clone(),
+            content_type: body.content_type,
+            deleted: false,
+            inline_body,
+            blob_key,
+            precondition: Precondition::None,
+            index,
+            dicom: None,
+        };
+        let draft = AuditDraft::by(
+            &appliance_principal(),
+            codes::PATIENT_RECORD,
+            "derive-imaging-study",
+            'U',
+        )
+        .on("ImagingStudy", Some(study_key))
+        .for_patient(&patient_ref);
+        self.commit_one(PreparedWrite { key, row, draft }).await?;
+        Ok(())
+    }
+
+    /// The FHIR Patient whose identifier (any system) is `value`, when exactly one has it.
+    async fn fhir_patient_with_identifier(
+        &self,
+        value: &str,
+    ) -> Result<Option<String>, RecordError> {
+        let token = patient_identifier_token(self.vault.blind_index(), value);
+        let owners: Vec<(String,)> = sqlx::query_as(
+            "SELECT DISTINCT resource_id FROM search_tokens WHERE token = $1 AND resource_type = 'Patient' AND param = 'identifier' LIMIT 2",
+        )
+        .bind(token)
+        .fetch_all(self.database.pool())
+        .await?;
+        Ok(match owners.as_slice() {
+            [(id,)] => Some(id.clone()),
+            _ => None,
+        })
+    }
+
+    /// The study a stored DICOM instance belongs to (its keyed hash).
+    async fn study_of_instance(&self, instance_key: &str) -> Result<Option<String>, RecordError> {
+        let found: Option<(String,)> =
+            sqlx::query_as("SELECT study_key FROM dicom_instances WHERE instance_key = $1")
+                .bind(instance_key)
+                .fetch_optional(self.database.pool())
+                .await?;
+        Ok(found.map(|(study_key,)| study_key))
+    }
+
+    /// Keeps every study's ImagingStudy current: gathers the studies of stored instances for a
+    /// moment, then rebuilds each once. Runs until the process ends.
+    pub async fn derive_imaging_studies(self: Arc<Self>) {
+        let mut stored = self.subscribe();
+        loop {
+            let mut studies = std::collections::BTreeSet::new();
+            match stored.recv().await {
+                Ok(event) if event.meta.key.resource_type == DICOM_INSTANCE => {
+                    studies.insert(event.meta.key.resource_id);
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+            let deadline = tokio::time::Instant::now() + GATHER;
+            while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, stored.recv()).await {
+                if event.meta.key.resource_type == DICOM_INSTANCE {
+                    studies.insert(event.meta.key.resource_id);
+                }
+            }
+            let mut study_keys = std::collections::BTreeSet::new();
+            for instance_key in studies {
+                match self.study_of_instance(&instance_key).await {
+                    Ok(Some(study_key)) => {
+                        study_keys.insert(study_key);
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::error!(error = %error, "imaging study lookup failed"),
+                }
+            }
+            for study_key in study_keys {
+                if let Err(error) = self.derive_imaging_study(&study_key).await {
+                    tracing::error!(error = %error, "imaging study not derived");
+                }
+            }
+        }
+    }
+}
+
+/// The ImagingStudy resource of a study's instances (those listed; `total` counts them all).
+fn imaging_study(
+    study_key: &str,
+    instances: &[IndexedInstance],
+    fhir_patient: Option<&str>,
+    total: usize,
+) -> Value {
+    let first = &instances[0].header;
+    let text = |tag| json::first_text(first, tag);
+    let mut series: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
+    for instance in instances {
+        series
+            .entry(&instance.series_key)
+            .or_default()
+            .push(&instance.header);
+    }
+    let mut modalities: Vec<String> = instances
+        .iter()
+        .filter_map(|instance| json::first_text(&instance.header, tags::MODALITY))
+        .collect();
+    modalities.sort();
+    modalities.dedup();
+    let subject = match fhir_patient {
+        Some(id) => json_value!({"reference": format!("Patient/{id}")}),
+        None => {
+            let mut identifier = json_value!({"value": text(tags::PATIENT_ID).unwrap_or_else(|| "unknown".to_owned())});
+            if let Some(issuer) = text(tags::ISSUER_OF_PATIENT_ID) {
+                identifier["system"] = Value::String(format!("urn:dicom:issuer:{issuer}"));
+            }
+            json_value!({"identifier": identifier})
+        }
+    };
+    let series_entries: Vec<Value> = series
+        .values()
+        .map(|headers| {
+            let head = headers[0];
+            let mut entry = json_value!({
+                "uid": json::first_text(head, tags::SERIES_INSTANCE_UID).unwrap_or_default(),
+                "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM",
+                             "code": json::first_text(head, tags::MODALITY).unwrap_or_else(|| "OT".to_owned())},
+                "numberOfInstances": headers.len(),
+                "instance": headers.iter().map(|header| {
+                    let mut instance = json_value!({
+                        "uid": json::first_text(header, tags::SOP_INSTANCE_UID).unwrap_or_default(),
+                        "sopClass": {"system": "urn:ietf:rfc:3986",
+                                     "code": format!("urn:oid:{}", json::first_text(header, tags::SOP_CLASS_UID).unwrap_or_default())},
+                    });
+                    if let Some(number) = json::first_text(header, tags::INSTANCE_NUMBER).and_then(|text| text.trim().parse::<u32>().ok()) {
+                        instance["number"] = Value::from(number);
+                    }
+                    instance
+                }).collect::<Vec<_>>(),
+            });
+            if let Some(number) = json::first_text(head, tags::SERIES_NUMBER).and_then(|text| text.trim().parse::<u32>().ok()) {
+                entry["number"] = Value::from(number);
+            }
+            if let Some(description) = json::first_text(head, tags::SERIES_DESCRIPTION) {
+                entry["description"] = Value::String(description);
+            }
+            entry
+        })
+        .collect();
+    let mut resource = json_value!({
+        "resourceType": "ImagingStudy",
+        "id": study_key,
+        "identifier": [{"system": "urn:dicom:uid",
+                        "value": format!("urn:oid:{}", text(tags::STUDY_INSTANCE_UID).unwrap_or_default())}],
+        "status": "available",
+        "subject": subject,
+        "modality": modalities.iter().map(|code| json_value!({"system": "http://dicom.nema.org/resources/ontology/DCM", "code": code})).collect::<Vec<_>>(),
+        "numberOfSeries": series_entries.len(),
+        "numberOfInstances": total,
+        "series": series_entries,
+    });
+    if let (Some(accession), Some(identifiers)) = (
+        text(tags::ACCESSION_NUMBER),
+        resource["identifier"].as_array_mut(),
+    ) {
+        identifiers.push(json_value!({
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]},
+            "value": accession,
+        }));
+    }
+    if let Some(started) = text(tags::STUDY_DATE).and_then(|date| fhir_date(&date)) {
+        resource["started"] = Value::String(started);
+    }
+    if let Some(description) = text(tags::STUDY_DESCRIPTION) {
+        resource["description"] = Value::String(description);
+    }
+    resource
+}
+
+/// DICOM `YYYYMMDD` as a FHIR date. (Study Time has no zone, and a FHIR dateTime with a time
+/// needs one, so the start is given to the day.)
+fn fhir_date(date: &str) -> Option<String> {
+    let digits: String = date.chars().filter(char::is_ascii_digit).collect();
+    if digits.len() != 8 {
+        return None;
+    }
+    Some(format!(
+        "{}-{}-{}",
+        &digits[..4],
+        &digits[4..6],
+        &digits[6..8]
+    ))
+}
