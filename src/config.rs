@@ -54,6 +54,9 @@ struct SettingsFile {
     http_addr: Option<String>,
     dicom_addr: Option<String>,
     dicom_aet: Option<String>,
+    dicom_tls_addr: Option<String>,
+    dicom_tls_cert: Option<PathBuf>,
+    dicom_tls_key: Option<PathBuf>,
     database_url: Option<String>,
     blob_url: Option<String>,
     mqtt_url: Option<String>,
@@ -82,6 +85,9 @@ const SETTING_KEYS: &[&str] = &[
     "http_addr",
     "dicom_addr",
     "dicom_aet",
+    "dicom_tls_addr",
+    "dicom_tls_cert",
+    "dicom_tls_key",
     "database_url",
     "blob_url",
     "mqtt_url",
@@ -114,6 +120,14 @@ pub struct TlsSettings {
     pub private_key_path: PathBuf,
 }
 
+/// Where DICOM over TLS listens, with its certificate chain and key (by default the HTTPS ones).
+#[derive(Debug, Clone, Serialize)]
+pub struct DicomTlsSettings {
+    pub address: SocketAddr,
+    pub certificate_path: PathBuf,
+    pub private_key_path: PathBuf,
+}
+
 /// The effective settings of one appliance process.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -121,6 +135,8 @@ pub struct Settings {
     pub http_addr: SocketAddr,
     pub dicom_addr: SocketAddr,
     pub dicom_aet: String,
+    /// DICOM over TLS (PS3.15 B.1; the well-known port is 2762).
+    pub dicom_tls: Option<DicomTlsSettings>,
     pub database_url: SecretString,
     pub blob_url: String,
     pub mqtt_url: Option<String>,
@@ -270,6 +286,35 @@ impl Settings {
                 });
             }
         };
+        let dicom_tls = match overlay("dicom_tls_addr", file.dicom_tls_addr)? {
+            Some(text) => {
+                let address = parse_addr("dicom_tls_addr", Some(text), "")?;
+                let certificate = overlay(
+                    "dicom_tls_cert",
+                    file.dicom_tls_cert.map(|path| path.display().to_string()),
+                )?
+                .map(PathBuf::from)
+                .or_else(|| tls.as_ref().map(|tls| tls.certificate_path.clone()));
+                let key = overlay(
+                    "dicom_tls_key",
+                    file.dicom_tls_key.map(|path| path.display().to_string()),
+                )?
+                .map(PathBuf::from)
+                .or_else(|| tls.as_ref().map(|tls| tls.private_key_path.clone()));
+                let (Some(certificate_path), Some(private_key_path)) = (certificate, key) else {
+                    return Err(ConfigError::InvalidValue {
+                        key: "dicom_tls_addr".to_owned(),
+                        message: "DICOM TLS needs dicom_tls_cert and dicom_tls_key (or tls_cert and tls_key)".to_owned(),
+                    });
+                };
+                Some(DicomTlsSettings {
+                    address,
+                    certificate_path,
+                    private_key_path,
+                })
+            }
+            None => None,
+        };
         let master_passphrase = overlay(
             "master_passphrase",
             file.master_passphrase
@@ -340,6 +385,7 @@ impl Settings {
             http_addr,
             dicom_addr,
             dicom_aet,
+            dicom_tls,
             database_url: SecretString::from(database_url),
             blob_url,
             tls,
@@ -360,6 +406,17 @@ impl Settings {
         push("http_addr", quote(&self.http_addr.to_string()));
         push("dicom_addr", quote(&self.dicom_addr.to_string()));
         push("dicom_aet", quote(&self.dicom_aet));
+        if let Some(dicom_tls) = &self.dicom_tls {
+            push("dicom_tls_addr", quote(&dicom_tls.address.to_string()));
+            push(
+                "dicom_tls_cert",
+                quote(&dicom_tls.certificate_path.display().to_string()),
+            );
+            push(
+                "dicom_tls_key",
+                quote(&dicom_tls.private_key_path.display().to_string()),
+            );
+        }
         push(
             "database_url",
             quote(&mask_url_password(self.database_url.expose_secret())),

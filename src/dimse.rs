@@ -1,5 +1,5 @@
-//! The DIMSE service: an SCP on `dicom_addr` that answers C-ECHO, C-STORE and C-FIND (study
-//! and patient root). A calling AE title must belong to a registered client (`clients create
+//! The DIMSE service: an SCP on `dicom_addr` (and over TLS on `dicom_tls_addr`) that answers
+//! C-ECHO, C-STORE and C-FIND (study and patient root). A calling AE title must belong to a registered client (`clients create
 //! --ae-title`), whose role and scopes then decide every request through the same record path
 //! as HTTP; an unknown AE is rejected and journaled. Every socket has TCP_NODELAY. One
 //! association per task; a bad instance fails its own C-STORE with a status, never the
@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,12 +15,15 @@ use dicom_core::header::Header;
 use dicom_dictionary_std::tags;
 use dicom_ul::ServerAssociationOptions;
 use dicom_ul::association::Association;
-use dicom_ul::association::server::AccessControl;
+use dicom_ul::association::server::{AccessControl, AsyncServerAssociation};
 use dicom_ul::pdu::{
     AssociationRJServiceUserReason, PDataValue, PDataValueType, Pdu, UserIdentity,
 };
 use glastonbury_dicom::dimse::{self, Command, status};
 use glastonbury_dicom::qido::{self, Level};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncWriteExt;
 
 use crate::access::{self, Principal};
@@ -40,6 +44,8 @@ const MAX_DATA_SET_BYTES: usize = 2 << 30;
 /// Why the DIMSE listener stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DimseError {
+    #[error("dicom tls: {0}")]
+    Tls(String),
     #[error("cannot listen for DICOM on {address}")]
     Listen {
         address: SocketAddr,
@@ -58,8 +64,45 @@ pub async fn bind(appliance: &Appliance) -> Result<tokio::net::TcpListener, Dims
     Ok(listener)
 }
 
-/// Accepts associations until the process ends, each in its own task.
-pub async fn serve(appliance: Appliance, listener: tokio::net::TcpListener) {
+/// Binds the DICOM TLS address, when one is set, with the appliance's certificate.
+pub async fn bind_tls(
+    appliance: &Appliance,
+) -> Result<Option<(tokio::net::TcpListener, Arc<ServerConfig>)>, DimseError> {
+    let Some(tls) = &appliance.settings.dicom_tls else {
+        return Ok(None);
+    };
+    let address = tls.address;
+    let config = tls_config(&tls.certificate_path, &tls.private_key_path)?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|source| DimseError::Listen { address, source })?;
+    tracing::info!(address = %address, ae_title = %appliance.settings.dicom_aet, "dicom tls listening");
+    Ok(Some((listener, config)))
+}
+
+/// The TLS server configuration from the PEM certificate chain and private key.
+fn tls_config(certificate: &Path, private_key: &Path) -> Result<Arc<ServerConfig>, DimseError> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let unreadable = |what: &str| DimseError::Tls(format!("the {what} cannot be read as PEM"));
+    let chain = CertificateDer::pem_file_iter(certificate)
+        .map_err(|_| unreadable("TLS certificate"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| unreadable("TLS certificate"))?;
+    let key = PrivateKeyDer::from_pem_file(private_key).map_err(|_| unreadable("TLS key"))?;
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|error| DimseError::Tls(error.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+/// Accepts associations until the process ends, each in its own task; over TLS when a
+/// configuration is given.
+pub async fn serve(
+    appliance: Appliance,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<ServerConfig>>,
+) {
     loop {
         let (socket, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -72,8 +115,9 @@ pub async fn serve(appliance: Appliance, listener: tokio::net::TcpListener) {
             tracing::warn!(error = %error, "TCP_NODELAY not set");
         }
         let appliance = appliance.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            if let Err(error) = association(appliance, socket, peer).await {
+            if let Err(error) = association(appliance, socket, peer, tls).await {
                 tracing::info!(peer = %peer, error = %error, "dicom association ended");
             }
         });
@@ -121,6 +165,7 @@ async fn association(
     appliance: Appliance,
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
+    tls: Option<Arc<ServerConfig>>,
 ) -> Result<(), BoxError> {
     let peers: HashMap<String, ClientRegistration> = appliance.clients.dicom_peers().await?;
     let refused = Arc::new(Mutex::new(None));
@@ -136,20 +181,47 @@ async fn association(
         .promiscuous(true)
         .max_pdu_length(MAX_PDU_LENGTH)
         .read_timeout(IDLE_TIMEOUT);
-    let mut association = match options.establish_async(socket).await {
-        Ok(association) => association,
-        Err(error) => {
-            let refused_title = refused.lock().ok().and_then(|mut title| title.take());
-            if let Some(title) = refused_title {
-                let principal = peer_principal(&format!("ae:{title}"), None, peer);
-                appliance
-                    .records
-                    .journal_dicom_refusal(&principal, "unknown calling or called AE title")
-                    .await?;
+    let refusal = match tls {
+        None => match tokio::time::timeout(IDLE_TIMEOUT, options.establish_async(socket)).await {
+            Ok(Ok(association)) => {
+                return run_association(appliance, association, &peers, peer).await;
             }
-            return Err(error.into());
+            Ok(Err(error)) => error,
+            Err(_) => return Err("the association was not negotiated in time".into()),
+        },
+        Some(config) => {
+            let negotiation = options.tls_config(config);
+            match tokio::time::timeout(IDLE_TIMEOUT, negotiation.establish_tls_async(socket)).await
+            {
+                Ok(Ok(association)) => {
+                    return run_association(appliance, association, &peers, peer).await;
+                }
+                Ok(Err(error)) => error,
+                Err(_) => return Err("the association was not negotiated in time".into()),
+            }
         }
     };
+    let refused_title = refused.lock().ok().and_then(|mut title| title.take());
+    if let Some(title) = refused_title {
+        let principal = peer_principal(&format!("ae:{title}"), None, peer);
+        appliance
+            .records
+            .journal_dicom_refusal(&principal, "unknown calling or called AE title")
+            .await?;
+    }
+    Err(refusal.into())
+}
+
+/// Answers the messages of one negotiated association until it is released or aborted.
+async fn run_association<S>(
+    appliance: Appliance,
+    mut association: AsyncServerAssociation<S>,
+    peers: &HashMap<String, ClientRegistration>,
+    peer: SocketAddr,
+) -> Result<(), BoxError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     let calling = association.peer_ae_title().trim().to_owned();
     let Some(registration) = peers.get(&calling) else {
         association.abort().await?;
@@ -296,11 +368,14 @@ struct Reply {
     data_set: Option<Vec<u8>>,
 }
 
-async fn send_reply(
-    association: &mut dicom_ul::association::server::AsyncServerAssociation<tokio::net::TcpStream>,
+async fn send_reply<S>(
+    association: &mut AsyncServerAssociation<S>,
     context_id: u8,
     reply: Reply,
-) -> Result<(), BoxError> {
+) -> Result<(), BoxError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     association
         .send(&Pdu::PData {
             data: vec![PDataValue {

@@ -335,14 +335,7 @@ pub fn deidentify(
     let mut file: FileDicomObject<InMemDicomObject> = OpenFileOptions::new()
         .from_reader(Cursor::new(part10))
         .map_err(|_| DeidentificationError::Unreadable)?;
-    let burned_in = crate::instance::text_of(&file, tags::BURNED_IN_ANNOTATION)
-        .is_some_and(|flag| flag.eq_ignore_ascii_case("YES"));
-    if burned_in && profile.burned_in_annotation == BurnedInAnnotation::Reject {
-        return Err(DeidentificationError::BurnedInAnnotation);
-    }
-    let context = Context::of(&file, profile, key);
-    apply(&mut file, &context, 0);
-    mark(&mut file, &profile.options);
+    let burned_in = deidentify_data_set(&mut file, profile, key)?;
     let sop_instance_uid =
         crate::instance::text_of(&file, tags::SOP_INSTANCE_UID).unwrap_or_default();
     let sop_class_uid = crate::instance::text_of(&file, tags::SOP_CLASS_UID).unwrap_or_default();
@@ -367,6 +360,29 @@ pub fn deidentify(
         sop_instance_uid,
         quarantined: burned_in,
     })
+}
+
+/// De-identifies a data set in place (a header, for query results); `true` when it was
+/// quarantined for burned-in annotation rather than refused.
+pub fn deidentify_data_set(
+    object: &mut InMemDicomObject,
+    profile: &Profile,
+    key: &DeidentificationKey,
+) -> Result<bool, DeidentificationError> {
+    let burned_in = has_burned_in_annotation(object);
+    if burned_in && profile.burned_in_annotation == BurnedInAnnotation::Reject {
+        return Err(DeidentificationError::BurnedInAnnotation);
+    }
+    let context = Context::of(object, profile, key);
+    apply(object, &context, 0);
+    mark(object, &profile.options);
+    Ok(burned_in)
+}
+
+/// Whether the instance says its pixels carry burned-in annotation.
+pub fn has_burned_in_annotation(object: &InMemDicomObject) -> bool {
+    crate::instance::text_of(object, tags::BURNED_IN_ANNOTATION)
+        .is_some_and(|flag| flag.eq_ignore_ascii_case("YES"))
 }
 
 /// What the actions of one instance need to know.

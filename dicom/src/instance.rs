@@ -9,7 +9,7 @@ use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
 use dicom_object::meta::FileMetaTableBuilder;
-use dicom_object::{FileMetaTable, InMemDicomObject};
+use dicom_object::{FileDicomObject, FileMetaTable, InMemDicomObject};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::guard::{self, Encoding};
@@ -82,17 +82,7 @@ pub struct Instance {
 
 /// Checks a Part 10 file (STOW-RS).
 pub fn from_part10(bytes: Vec<u8>) -> Result<Instance, InstanceError> {
-    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
-        return Err(InstanceError::NotPart10);
-    }
-    let meta_length = meta_group_length(&bytes[132..])?;
-    let dataset_start = 132usize
-        .checked_add(meta_length)
-        .filter(|start| *start <= bytes.len())
-        .ok_or(InstanceError::BadFileMeta)?;
-    guard::check(&bytes[132..dataset_start], Encoding::ExplicitLittle)?;
-    let mut cursor = Cursor::new(&bytes[128..dataset_start]);
-    let meta = FileMetaTable::from_reader(&mut cursor).map_err(|_| InstanceError::BadFileMeta)?;
+    let (meta, dataset_start) = read_file_meta(&bytes)?;
     let transfer_syntax_uid = meta.transfer_syntax().to_owned();
     let header = parse_data_set(&bytes[dataset_start..], &transfer_syntax_uid)?;
     let instance = identify(header, transfer_syntax_uid, bytes)?;
@@ -105,6 +95,29 @@ pub fn from_part10(bytes: Vec<u8>) -> Result<Instance, InstanceError> {
         ));
     }
     Ok(instance)
+}
+
+/// Reads a stored Part 10 file whole, Pixel Data included, for frame retrieval and rendering.
+pub fn read_whole(bytes: &[u8]) -> Result<FileDicomObject<InMemDicomObject>, InstanceError> {
+    let (meta, dataset_start) = read_file_meta(bytes)?;
+    let object = read_data_set(&bytes[dataset_start..], meta.transfer_syntax())?;
+    Ok(object.with_exact_meta(meta))
+}
+
+/// The file meta group of a Part 10 file and where its data set starts.
+fn read_file_meta(bytes: &[u8]) -> Result<(FileMetaTable, usize), InstanceError> {
+    if bytes.len() < 132 || &bytes[128..132] != b"DICM" {
+        return Err(InstanceError::NotPart10);
+    }
+    let meta_length = meta_group_length(&bytes[132..])?;
+    let dataset_start = 132usize
+        .checked_add(meta_length)
+        .filter(|start| *start <= bytes.len())
+        .ok_or(InstanceError::BadFileMeta)?;
+    guard::check(&bytes[132..dataset_start], Encoding::ExplicitLittle)?;
+    let mut cursor = Cursor::new(&bytes[128..dataset_start]);
+    let meta = FileMetaTable::from_reader(&mut cursor).map_err(|_| InstanceError::BadFileMeta)?;
+    Ok((meta, dataset_start))
 }
 
 /// Checks a data set received with C-STORE (its transfer syntax from the presentation context,
@@ -148,6 +161,17 @@ fn parse_data_set(
     data: &[u8],
     transfer_syntax_uid: &str,
 ) -> Result<InMemDicomObject, InstanceError> {
+    let mut object = read_data_set(data, transfer_syntax_uid)?;
+    object.remove_element(tags::PIXEL_DATA);
+    Ok(object)
+}
+
+/// Reads the whole data set, Pixel Data included, after the structural check.
+fn read_data_set(
+    data: &[u8],
+    transfer_syntax_uid: &str,
+) -> Result<InMemDicomObject, InstanceError> {
+    let transfer_syntax_uid = trim_uid(transfer_syntax_uid);
     let (encoding, parse_as, inflated) = match transfer_syntax_uid {
         IMPLICIT_VR_LITTLE_ENDIAN => (Encoding::ImplicitLittle, transfer_syntax_uid, None),
         EXPLICIT_VR_BIG_ENDIAN => (Encoding::ExplicitBig, transfer_syntax_uid, None),
@@ -164,10 +188,7 @@ fn parse_data_set(
         .ok_or_else(|| InstanceError::UnsupportedTransferSyntax(transfer_syntax_uid.to_owned()))?;
     let data = inflated.as_deref().unwrap_or(data);
     guard::check(data, encoding)?;
-    let mut object = InMemDicomObject::read_dataset_with_ts(data, syntax)
-        .map_err(|_| InstanceError::Unparseable)?;
-    object.remove_element(tags::PIXEL_DATA);
-    Ok(object)
+    InMemDicomObject::read_dataset_with_ts(data, syntax).map_err(|_| InstanceError::Unparseable)
 }
 
 fn inflate(data: &[u8]) -> Result<Vec<u8>, InstanceError> {

@@ -11,6 +11,11 @@ pub fn header_json(header: &InMemDicomObject) -> Result<Value, serde_json::Error
     dicom_json::to_value(header)
 }
 
+/// A header back from DICOM JSON (for de-identifying query results).
+pub fn header_from_json(json: &Value) -> Result<InMemDicomObject, serde_json::Error> {
+    dicom_json::from_value(json.clone())
+}
+
 /// The DICOM JSON key of a tag (`00100010`).
 pub fn key(tag: Tag) -> String {
     format!("{:04X}{:04X}", tag.group(), tag.element())
@@ -29,7 +34,19 @@ pub fn tag_of_key(key: &str) -> Option<Tag> {
 /// The first value of an attribute as text: strings and numbers as written, person names in
 /// their alphabetic form. `None` when absent or empty.
 pub fn first_text(json: &Value, tag: Tag) -> Option<String> {
-    let value = json.get(key(tag))?.get("Value")?.as_array()?.first()?;
+    all_text(json, tag).into_iter().next()
+}
+
+/// Every value of an attribute as text (see [`first_text`]).
+pub fn all_text(json: &Value, tag: Tag) -> Vec<String> {
+    json.get(key(tag))
+        .and_then(|element| element.get("Value"))
+        .and_then(Value::as_array)
+        .map(|values| values.iter().filter_map(value_text).collect())
+        .unwrap_or_default()
+}
+
+fn value_text(value: &Value) -> Option<String> {
     match value {
         Value::String(text) => Some(text.clone()),
         Value::Number(number) => Some(number.to_string()),
@@ -39,28 +56,6 @@ pub fn first_text(json: &Value, tag: Tag) -> Option<String> {
             .map(str::to_owned),
         _ => None,
     }
-}
-
-/// Every value of an attribute as text (see [`first_text`]).
-pub fn all_text(json: &Value, tag: Tag) -> Vec<String> {
-    json.get(key(tag))
-        .and_then(|element| element.get("Value"))
-        .and_then(Value::as_array)
-        .map(|values| {
-            values
-                .iter()
-                .filter_map(|value| match value {
-                    Value::String(text) => Some(text.clone()),
-                    Value::Number(number) => Some(number.to_string()),
-                    Value::Object(name) => name
-                        .get("Alphabetic")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// The attributes of `json` whose tags satisfy `keep`.

@@ -1,6 +1,7 @@
 //! De-identification policy as code: `deidentification.toml` in the policy folder (or the
-//! built-in `policies/deidentification.toml`) names PS3.15 profiles and which DICOM sources
-//! (calling AE titles) are de-identified on ingest. Reloaded with the Cedar policies on SIGHUP;
+//! built-in `policies/deidentification.toml`) names PS3.15 profiles, which DICOM sources
+//! (calling AE titles) are de-identified on ingest, and which profile each role's de-identified
+//! view of DICOM data is served under. Reloaded with the Cedar policies on SIGHUP;
 //! a file that does not parse is refused and the one in force stays.
 
 use std::collections::BTreeMap;
@@ -23,6 +24,10 @@ pub struct DeidentificationFile {
     /// Calling AE title → profile applied before its instances are stored.
     #[serde(default)]
     pub ingest: BTreeMap<String, String>,
+    /// Role → profile applied to DICOM data served to that role in the de-identified view
+    /// (when Cedar grants only that view); a role without one is refused DICOM data there.
+    #[serde(default)]
+    pub egress: BTreeMap<String, String>,
 }
 
 impl DeidentificationFile {
@@ -36,12 +41,26 @@ impl DeidentificationFile {
                 )));
             }
         }
+        for (role, profile) in &file.egress {
+            if !file.profiles.contains_key(profile) {
+                return Err(PolicyError(format!(
+                    "{origin}: egress role {role:?} names unknown profile {profile:?}"
+                )));
+            }
+        }
         Ok(file)
     }
 
     /// The named profile.
     pub fn profile(&self, name: &str) -> Option<&Profile> {
         self.profiles.get(name)
+    }
+
+    /// The profile DICOM data is served under to `role` in the de-identified view, if any.
+    pub fn egress_profile(&self, role: &str) -> Option<&Profile> {
+        self.egress
+            .get(role)
+            .and_then(|name| self.profiles.get(name))
     }
 
     /// The profile applied to instances from `ae_title` before they are stored, if any.

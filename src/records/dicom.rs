@@ -1,9 +1,12 @@
 //! DICOM on the record path: storing a checked instance (its Part 10 file encrypted to the
 //! patient's key, its index row, its identifying attributes as blind-index tokens and an audit
 //! leaf, in one unit), answering QIDO-RS / C-FIND queries from that index, and handing out
-//! instances and headers for WADO-RS. Policies and scopes name DICOM data `ImagingStudy`.
+//! instances and headers for WADO-RS, as stored or, for callers Cedar grants only the
+//! de-identified view, de-identified under their role's PS3.15 profile with remapped UIDs.
+//! Policies and scopes name DICOM data `ImagingStudy`.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use dicom_core::Tag;
@@ -11,6 +14,7 @@ use dicom_dictionary_std::tags;
 use glastonbury_dicom::attributes::{
     IndexedAttributes, TOKEN_ATTRIBUTES, TokenKind, indexed_attributes, name_words,
 };
+use glastonbury_dicom::deidentify::{self, DeidentificationKey, Profile};
 use glastonbury_dicom::qido::{Criterion, Include, Level, Matcher, QidoQuery};
 use glastonbury_dicom::{Instance, json};
 use serde_json::{Map, Value};
@@ -20,7 +24,7 @@ use super::search_index::{
     DICOM_INSTANCE, IndexRows, dicom_exact_token, dicom_prefix_token, dicom_token_rows,
     patient_identifier_token,
 };
-use super::writer::{DicomInstanceRow, Precondition, RowWrite};
+use super::writer::{DeidentifiedKeys, DicomInstanceRow, Precondition};
 use super::{PreparedWrite, RecordError, RecordKey, RecordVersion, Records};
 use crate::access::{self, Allowed, Principal};
 use crate::journal::{AuditDraft, codes};
@@ -43,6 +47,17 @@ pub struct DicomScope {
     pub instance_uid: Option<String>,
 }
 
+impl DicomScope {
+    /// The scope a DICOMweb path names: a study, a series in it, or an instance in that.
+    pub fn of(study: Option<String>, series: Option<String>, instance: Option<String>) -> Self {
+        Self {
+            study_uid: study,
+            series_uid: series,
+            instance_uid: instance,
+        }
+    }
+}
+
 /// One query result: the UIDs that name it (for retrieve URLs) and its DICOM JSON attributes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DicomMatch {
@@ -53,11 +68,13 @@ pub struct DicomMatch {
 }
 
 /// A stored instance the caller was allowed to retrieve (only [`Records::dicom_instances`]
-/// makes these, after authorizing and journaling the retrieval).
+/// makes these, after authorizing and journaling the retrieval). Its UIDs are the ones the
+/// caller's view names it by.
 #[derive(Debug, Clone)]
 pub struct RetrievableInstance {
     key: RecordKey,
     patient_ref: String,
+    egress: DicomEgress,
     pub study_uid: String,
     pub series_uid: String,
     pub instance_uid: String,
@@ -67,6 +84,101 @@ pub struct RetrievableInstance {
 /// A stored instance's keyed hashes (what the index holds instead of UIDs).
 fn dicom_key(blind: &crate::vault::BlindIndex, level: &str, uid: &str) -> String {
     blind.pseudonym(&format!("dicom-{level}"), uid)
+}
+
+/// Keyed hashes of the UIDs the de-identified view names an instance by.
+fn deidentified_keys(
+    blind: &crate::vault::BlindIndex,
+    key: &DeidentificationKey,
+    study_uid: &str,
+    series_uid: &str,
+    instance_uid: &str,
+) -> DeidentifiedKeys {
+    DeidentifiedKeys {
+        study_key: dicom_key(blind, "study", &key.uid(study_uid)),
+        series_key: dicom_key(blind, "series", &key.uid(series_uid)),
+        instance_key: dicom_key(blind, "instance", &key.uid(instance_uid)),
+    }
+}
+
+/// The attributes a de-identified view may match on: none of them can re-identify a patient.
+const DEIDENTIFIED_MATCHING: &[Tag] = &[
+    tags::STUDY_INSTANCE_UID,
+    tags::SERIES_INSTANCE_UID,
+    tags::SOP_INSTANCE_UID,
+    tags::SOP_CLASS_UID,
+    tags::MODALITY,
+    tags::MODALITIES_IN_STUDY,
+    tags::SERIES_NUMBER,
+    tags::INSTANCE_NUMBER,
+];
+
+/// How DICOM data leaves for a caller: as stored, or de-identified under a profile.
+#[derive(Debug, Clone)]
+pub(crate) enum DicomEgress {
+    AsStored,
+    Deidentified(Arc<DeidentifiedEgress>),
+}
+
+/// The profile and key a de-identified view applies.
+#[derive(Debug)]
+pub(crate) struct DeidentifiedEgress {
+    profile: Profile,
+    key: DeidentificationKey,
+}
+
+impl DicomEgress {
+    /// The index column holding a level's keyed UIDs, as this view names instances.
+    fn key_column(&self, column: &str) -> String {
+        match self {
+            Self::Deidentified(egress) if !egress.profile.options.retain_uids => {
+                format!("deid_{column}")
+            }
+            _ => column.to_owned(),
+        }
+    }
+
+    /// A UID as this view shows it.
+    fn uid(&self, stored: &str) -> String {
+        match self {
+            Self::Deidentified(egress) if !egress.profile.options.retain_uids => {
+                egress.key.uid(stored)
+            }
+            _ => stored.to_owned(),
+        }
+    }
+
+    /// A stored header as this view shows it; `None` when the instance is withheld (burned-in
+    /// annotation, or a header the profile cannot be applied to).
+    fn header(&self, stored: Value) -> Option<Value> {
+        let Self::Deidentified(egress) = self else {
+            return Some(stored);
+        };
+        let mut object = json::header_from_json(&stored).ok()?;
+        if deidentify::has_burned_in_annotation(&object) {
+            return None;
+        }
+        deidentify::deidentify_data_set(&mut object, &egress.profile, &egress.key).ok()?;
+        json::header_json(&object).ok()
+    }
+
+    /// Refuses matching that could re-identify a patient in a de-identified view.
+    fn check_criteria(&self, query: &QidoQuery) -> Result<(), RecordError> {
+        if let Self::AsStored = self {
+            return Ok(());
+        }
+        match query
+            .criteria
+            .iter()
+            .find(|criterion| !DEIDENTIFIED_MATCHING.contains(&criterion.tag))
+        {
+            Some(criterion) => Err(RecordError::Invalid(format!(
+                "matching on {} is not available in the de-identified view (it could re-identify); match on UIDs, modality, SOP class, series or instance number",
+                keyword(criterion.tag)
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Records {
@@ -95,11 +207,7 @@ impl Records {
             .vault
             .encrypt_for_patient(&patient_ref, header.to_string().as_bytes())
             .await?;
-        let body_ciphertext = self
-            .vault
-            .encrypt_for_patient(&patient_ref, &instance.part10)
-            .await?;
-        let (inline_body, blob_key) = self.place_ciphertext(&patient_ref, body_ciphertext).await?;
+        let egress_key = self.vault.deidentification_key().await?;
         let blind = self.vault.blind_index();
         let instance_key = dicom_key(blind, "instance", &instance.sop_instance_uid);
         let study_key = dicom_key(blind, "study", &instance.study_instance_uid);
@@ -115,29 +223,35 @@ impl Records {
         index.tokens.sort();
         index.tokens.dedup();
         let key = RecordKey::new(DICOM_INSTANCE, &instance_key);
-        let row = RowWrite {
-            resource_type: DICOM_INSTANCE.to_owned(),
-            resource_id: instance_key.clone(),
-            patient_ref: patient_ref.clone(),
-            content_type: DICOM_MEDIA_TYPE.to_owned(),
-            deleted: false,
-            inline_body,
-            blob_key,
-            precondition: Precondition::None,
-            index,
-            dicom: Some(DicomInstanceRow {
-                instance_key,
-                series_key: dicom_key(blind, "series", &instance.series_instance_uid),
-                study_key: study_key.clone(),
-                sop_class_uid: instance.sop_class_uid.clone(),
-                transfer_syntax_uid: instance.transfer_syntax_uid.clone(),
-                modality: attributes.modality.clone(),
-                study_date: attributes.study_date,
-                series_number: attributes.series_number,
-                instance_number: attributes.instance_number,
-                header: header_ciphertext,
-            }),
-        };
+        let mut row = self
+            .encrypted_row(
+                &key,
+                &patient_ref,
+                DICOM_MEDIA_TYPE.to_owned(),
+                &instance.part10,
+                Precondition::None,
+                index,
+            )
+            .await?;
+        row.dicom = Some(DicomInstanceRow {
+            instance_key,
+            series_key: dicom_key(blind, "series", &instance.series_instance_uid),
+            study_key: study_key.clone(),
+            sop_class_uid: instance.sop_class_uid.clone(),
+            transfer_syntax_uid: instance.transfer_syntax_uid.clone(),
+            modality: attributes.modality.clone(),
+            study_date: attributes.study_date,
+            series_number: attributes.series_number,
+            instance_number: attributes.instance_number,
+            header: header_ciphertext,
+            deidentified_keys: deidentified_keys(
+                blind,
+                &egress_key,
+                &instance.study_instance_uid,
+                &instance.series_instance_uid,
+                &instance.sop_instance_uid,
+            ),
+        });
         let draft = AuditDraft::by(
             allowed.principal(),
             codes::INSTANCES_TRANSFERRED,
@@ -217,16 +331,22 @@ impl Records {
         scope: &DicomScope,
         query_text: &str,
     ) -> Result<Vec<DicomMatch>, RecordError> {
-        self.refuse_deidentified(allowed.view())?;
-        let plan = self.query_plan(query, scope);
+        let egress = self
+            .dicom_egress(allowed.view(), allowed.principal())
+            .await?;
+        egress.check_criteria(query)?;
+        let plan = self.query_plan(query, scope, &egress);
         let groups = self.candidate_groups(&plan, query).await?;
         let mut matches = Vec::new();
         let mut patient_refs = BTreeSet::new();
         let mut skipped = 0;
         for group in groups {
-            let header = self
+            let stored_header = self
                 .decrypt_header(&group.patient_ref, &group.header)
                 .await?;
+            let Some(header) = egress.header(stored_header) else {
+                continue;
+            };
             if !plan
                 .post_filters
                 .iter()
@@ -256,24 +376,38 @@ impl Records {
         Ok(matches)
     }
 
-    fn refuse_deidentified(&self, view: access::View) -> Result<(), RecordError> {
-        if view.is_deidentified() {
-            return Err(RecordError::NotInView(
-                "no de-identified view of DICOM data is served yet".to_owned(),
-            ));
+    /// How DICOM data leaves for this caller: as stored, or (when Cedar grants only the
+    /// de-identified view) under the profile `deidentification.toml` names for the role.
+    async fn dicom_egress(
+        &self,
+        view: access::View,
+        principal: &Principal,
+    ) -> Result<DicomEgress, RecordError> {
+        if !view.is_deidentified() {
+            return Ok(DicomEgress::AsStored);
         }
-        Ok(())
+        let policy = self.deidentification.current();
+        let Some(profile) = policy.egress_profile(principal.role.as_str()).cloned() else {
+            return Err(RecordError::NotInView(
+                "DICOM data has no de-identification profile for this role ([egress] in deidentification.toml)".to_owned(),
+            ));
+        };
+        let key = self.vault.deidentification_key().await?;
+        Ok(DicomEgress::Deidentified(Arc::new(DeidentifiedEgress {
+            profile,
+            key,
+        })))
     }
 
     /// Splits a query into SQL conditions on the index and matches done on decrypted headers.
-    fn query_plan(&self, query: &QidoQuery, scope: &DicomScope) -> QueryPlan {
+    fn query_plan(&self, query: &QidoQuery, scope: &DicomScope, egress: &DicomEgress) -> QueryPlan {
         let blind = self.vault.blind_index();
         let mut conditions = Statement::new("");
         let mut post_filters = Vec::new();
         let mut needs_headers = false;
         let scoped = |statement: &mut Statement, column: &str, level: &str, uid: &str| {
             statement
-                .push(&format!(" AND d.{column} = "))
+                .push(&format!(" AND d.{} = ", egress.key_column(column)))
                 .bind_text(&dicom_key(blind, level, uid));
         };
         if let Some(study) = &scope.study_uid {
@@ -286,7 +420,7 @@ impl Records {
             scoped(&mut conditions, "instance_key", "instance", instance);
         }
         for criterion in &query.criteria {
-            let exact_in_sql = self.add_condition(&mut conditions, criterion, query.level);
+            let exact_in_sql = self.add_condition(&mut conditions, criterion, query.level, egress);
             if !exact_in_sql {
                 needs_headers = true;
                 post_filters.push(criterion.clone());
@@ -305,6 +439,7 @@ impl Records {
         conditions: &mut Statement,
         criterion: &Criterion,
         level: Level,
+        egress: &DicomEgress,
     ) -> bool {
         let blind = self.vault.blind_index();
         let key_column = match criterion.tag {
@@ -319,7 +454,7 @@ impl Records {
                 return false;
             }
             conditions
-                .push(&format!(" AND d.{column} IN "))
+                .push(&format!(" AND d.{} IN ", egress.key_column(column)))
                 .bind_text_list(
                     uids.iter()
                         .map(|uid| dicom_key(blind, key_level, uid))
@@ -621,7 +756,9 @@ impl Records {
         allowed: &Allowed<access::Read>,
         scope: &DicomScope,
     ) -> Result<Vec<RetrievableInstance>, RecordError> {
-        self.refuse_deidentified(allowed.view())?;
+        let egress = self
+            .dicom_egress(allowed.view(), allowed.principal())
+            .await?;
         let blind = self.vault.blind_index();
         let mut statement = Statement::new(
             "SELECT instance_key, patient_ref, header, transfer_syntax_uid FROM dicom_instances d WHERE 1 = 1",
@@ -633,7 +770,7 @@ impl Records {
         ] {
             if let Some(uid) = uid {
                 statement
-                    .push(&format!(" AND d.{column} = "))
+                    .push(&format!(" AND d.{} = ", egress.key_column(column)))
                     .bind_text(&dicom_key(blind, level, uid));
             }
         }
@@ -644,6 +781,7 @@ impl Records {
         }
         let mut instances = Vec::with_capacity(rows.len());
         let mut patient_refs = BTreeSet::new();
+        let mut withheld = false;
         for row in rows {
             let instance_key: String = row.try_get(0)?;
             let patient_ref: String = row.try_get(1)?;
@@ -653,27 +791,43 @@ impl Records {
                 Err(RecordError::Shredded) => continue,
                 Err(error) => return Err(error),
             };
+            let burned_in = json::first_text(&header, tags::BURNED_IN_ANNOTATION)
+                .is_some_and(|flag| flag.eq_ignore_ascii_case("YES"));
+            if burned_in && matches!(egress, DicomEgress::Deidentified(_)) {
+                withheld = true;
+                continue;
+            }
+            let uid = |tag| egress.uid(&json::first_text(&header, tag).unwrap_or_default());
             patient_refs.insert(patient_ref.clone());
             instances.push(RetrievableInstance {
                 key: RecordKey::new(DICOM_INSTANCE, &instance_key),
                 patient_ref,
-                study_uid: json::first_text(&header, tags::STUDY_INSTANCE_UID).unwrap_or_default(),
-                series_uid: json::first_text(&header, tags::SERIES_INSTANCE_UID)
-                    .unwrap_or_default(),
-                instance_uid: json::first_text(&header, tags::SOP_INSTANCE_UID).unwrap_or_default(),
+                egress: egress.clone(),
+                study_uid: uid(tags::STUDY_INSTANCE_UID),
+                series_uid: uid(tags::SERIES_INSTANCE_UID),
+                instance_uid: uid(tags::SOP_INSTANCE_UID),
                 transfer_syntax_uid: row.try_get(3)?,
             });
+        }
+        if instances.is_empty() && withheld {
+            return Err(RecordError::NotInView(
+                "burned-in annotation: these instances are not served de-identified".to_owned(),
+            ));
         }
         if instances.is_empty() {
             return Err(RecordError::Shredded);
         }
+        let subtype = match egress {
+            DicomEgress::AsStored => "retrieve",
+            DicomEgress::Deidentified(_) => "retrieve-deidentified",
+        };
         let drafts: Vec<AuditDraft> = patient_refs
             .iter()
             .map(|patient_ref| {
                 AuditDraft::by(
                     allowed.principal(),
                     codes::INSTANCES_TRANSFERRED,
-                    "retrieve",
+                    subtype,
                     'R',
                 )
                 .on(IMAGING_RESOURCE_TYPE, None)
@@ -693,8 +847,22 @@ impl Records {
             .await?
             .ok_or(RecordError::NotFound)?;
         let stored = self.fetch_version(&instance.key, head.version).await?;
-        let _ = &instance.patient_ref;
-        Ok(self.decrypt_stored(stored).await?.body)
+        let part10 = self.decrypt_stored(stored).await?.body;
+        let DicomEgress::Deidentified(egress) = &instance.egress else {
+            return Ok(part10);
+        };
+        let egress = Arc::clone(egress);
+        let deidentified = tokio::task::spawn_blocking(move || {
+            deidentify::deidentify(&part10, &egress.profile, &egress.key)
+        })
+        .await
+        .map_err(|_| RecordError::Damaged)?;
+        match deidentified {
+            Ok(deidentified) if !deidentified.quarantined => Ok(Bytes::from(deidentified.part10)),
+            _ => Err(RecordError::NotInView(
+                "this instance cannot be served de-identified".to_owned(),
+            )),
+        }
     }
 
     /// The header (DICOM JSON) of an instance the caller may retrieve.
@@ -704,8 +872,62 @@ impl Records {
                 .bind(&instance.key.resource_id)
                 .fetch_one(self.database.pool())
                 .await?;
-        self.decrypt_header(&instance.patient_ref, &ciphertext)
-            .await
+        let header = self
+            .decrypt_header(&instance.patient_ref, &ciphertext)
+            .await?;
+        instance.egress.header(header).ok_or_else(|| {
+            RecordError::NotInView("this instance cannot be served de-identified".to_owned())
+        })
+    }
+
+    /// Fills the de-identified view's keys of instances stored before they existed (run at
+    /// start; instances of shredded patients get empty keys: nothing can name them again).
+    pub async fn fill_deidentified_keys(&self) -> Result<u64, RecordError> {
+        let key = self.vault.deidentification_key().await?;
+        let mut filled = 0;
+        loop {
+            let rows = sqlx::query(
+                "SELECT instance_key, patient_ref, header FROM dicom_instances WHERE deid_instance_key IS NULL LIMIT 200",
+            )
+            .fetch_all(self.database.pool())
+            .await?;
+            if rows.is_empty() {
+                return Ok(filled);
+            }
+            for row in rows {
+                let instance_key: String = row.try_get(0)?;
+                let patient_ref: String = row.try_get(1)?;
+                let ciphertext: Vec<u8> = row.try_get(2)?;
+                let keys = match self.decrypt_header(&patient_ref, &ciphertext).await {
+                    Ok(header) => {
+                        let uid = |tag| json::first_text(&header, tag).unwrap_or_default();
+                        deidentified_keys(
+                            self.vault.blind_index(),
+                            &key,
+                            &uid(tags::STUDY_INSTANCE_UID),
+                            &uid(tags::SERIES_INSTANCE_UID),
+                            &uid(tags::SOP_INSTANCE_UID),
+                        )
+                    }
+                    Err(RecordError::Shredded) => DeidentifiedKeys {
+                        study_key: String::new(),
+                        series_key: String::new(),
+                        instance_key: String::new(),
+                    },
+                    Err(error) => return Err(error),
+                };
+                sqlx::query(
+                    "UPDATE dicom_instances SET deid_study_key = $1, deid_series_key = $2, deid_instance_key = $3 WHERE instance_key = $4",
+                )
+                .bind(&keys.study_key)
+                .bind(&keys.series_key)
+                .bind(&keys.instance_key)
+                .bind(&instance_key)
+                .execute(self.database.pool())
+                .await?;
+                filled += 1;
+            }
+        }
     }
 
     /// Records that a principal was refused a DICOM association or request (no PHI).

@@ -12,7 +12,7 @@ use serde_json::{Value, json as json_value};
 use sqlx::Row;
 
 use super::search_index::{DICOM_INSTANCE, patient_identifier_token};
-use super::writer::{Precondition, RowWrite};
+use super::writer::Precondition;
 use super::{PreparedWrite, RecordBody, RecordError, RecordKey, Records};
 use crate::access::{Principal, Role};
 use crate::journal::{AuditDraft, codes};
@@ -97,24 +97,17 @@ impl Records {
             "ImagingStudy",
             &body.search_index,
         );
-        let ciphertext = self
-            .vault
-            .encrypt_for_patient(&patient_ref, &body.body)
-            .await?;
-        let (inline_body, blob_key) = self.place_ciphertext(&patient_ref, ciphertext).await?;
         let key = RecordKey::new("ImagingStudy", study_key);
-        let row = RowWrite {
-            resource_type: key.resource_type.clone(),
-            resource_id: key.resource_id.clone(),
-            patient_ref: patient_ref.clone(),
-            content_type: body.content_type,
-            deleted: false,
-            inline_body,
-            blob_key,
-            precondition: Precondition::None,
-            index,
-            dicom: None,
-        };
+        let row = self
+            .encrypted_row(
+                &key,
+                &patient_ref,
+                body.content_type,
+                &body.body,
+                Precondition::None,
+                index,
+            )
+            .await?;
         let draft = AuditDraft::by(
             &appliance_principal(),
             codes::PATIENT_RECORD,

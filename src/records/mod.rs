@@ -480,29 +480,49 @@ impl Records {
             &key.resource_type,
             &body.search_index,
         );
-        let ciphertext = self
-            .vault
-            .encrypt_for_patient(&patient_ref, &body.body)
+        let row = self
+            .encrypted_row(
+                &key,
+                &patient_ref,
+                body.content_type,
+                &body.body,
+                precondition,
+                index,
+            )
             .await?;
-        let (inline_body, blob_key) = self.place_ciphertext(&patient_ref, ciphertext).await?;
-        let row = RowWrite {
-            resource_type: key.resource_type.clone(),
-            resource_id: key.resource_id.clone(),
-            patient_ref: patient_ref.clone(),
-            content_type: body.content_type,
-            deleted: false,
-            inline_body,
-            blob_key,
-            precondition,
-            index,
-            dicom: None,
-        };
         let draft = AuditDraft::by(allowed.principal(), codes::PATIENT_RECORD, subtype, action)
             .on(&key.resource_type, Some(&key.resource_id))
             .for_patient(&patient_ref)
             .decided_by(allowed.decided_by())
             .emergency(allowed.break_glass());
         Ok(PreparedWrite { key, row, draft })
+    }
+
+    /// The row that stores `body` encrypted to the patient (in the blob store when large), with
+    /// its index rows: what every write of a record body commits.
+    async fn encrypted_row(
+        &self,
+        key: &RecordKey,
+        patient_ref: &str,
+        content_type: String,
+        body: &[u8],
+        precondition: Precondition,
+        index: search_index::IndexRows,
+    ) -> Result<RowWrite, RecordError> {
+        let ciphertext = self.vault.encrypt_for_patient(patient_ref, body).await?;
+        let (inline_body, blob_key) = self.place_ciphertext(patient_ref, ciphertext).await?;
+        Ok(RowWrite {
+            resource_type: key.resource_type.clone(),
+            resource_id: key.resource_id.clone(),
+            patient_ref: patient_ref.to_owned(),
+            content_type,
+            deleted: false,
+            inline_body,
+            blob_key,
+            precondition,
+            index,
+            dicom: None,
+        })
     }
 
     /// A deletion (tombstone version), ready to commit.

@@ -61,6 +61,16 @@ pub struct DicomInstanceRow {
     pub instance_number: Option<i64>,
     /// The header as DICOM JSON, encrypted to the patient's key.
     pub header: Vec<u8>,
+    /// Keyed hashes of the remapped UIDs the de-identified view names this instance by.
+    pub deidentified_keys: DeidentifiedKeys,
+}
+
+/// Keyed hashes of an instance's remapped (de-identified view) study, series and instance UIDs.
+#[derive(Debug, Clone)]
+pub struct DeidentifiedKeys {
+    pub study_key: String,
+    pub series_key: String,
+    pub instance_key: String,
 }
 
 /// An atomic unit of work: rows (all or none) plus the audit leaves that record them.
@@ -318,13 +328,15 @@ async fn write_dicom_row(
 ) -> Result<(), RecordError> {
     sqlx::query(
         "INSERT INTO dicom_instances (instance_key, series_key, study_key, patient_ref, sop_class_uid, transfer_syntax_uid, \
-         modality, study_date, series_number, instance_number, header, stored_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+         modality, study_date, series_number, instance_number, header, stored_at, deid_study_key, deid_series_key, deid_instance_key) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
          ON CONFLICT (instance_key) DO UPDATE SET series_key = excluded.series_key, study_key = excluded.study_key, \
          patient_ref = excluded.patient_ref, sop_class_uid = excluded.sop_class_uid, \
          transfer_syntax_uid = excluded.transfer_syntax_uid, modality = excluded.modality, \
          study_date = excluded.study_date, series_number = excluded.series_number, \
-         instance_number = excluded.instance_number, header = excluded.header, stored_at = excluded.stored_at",
+         instance_number = excluded.instance_number, header = excluded.header, stored_at = excluded.stored_at, \
+         deid_study_key = excluded.deid_study_key, deid_series_key = excluded.deid_series_key, \
+         deid_instance_key = excluded.deid_instance_key",
     )
     .bind(&dicom.instance_key)
     .bind(&dicom.series_key)
@@ -338,6 +350,9 @@ async fn write_dicom_row(
     .bind(dicom.instance_number)
     .bind(dicom.header.clone())
     .bind(stored_at)
+    .bind(&dicom.deidentified_keys.study_key)
+    .bind(&dicom.deidentified_keys.series_key)
+    .bind(&dicom.deidentified_keys.instance_key)
     .execute(&mut *connection)
     .await?;
     Ok(())

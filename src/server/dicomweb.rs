@@ -1,7 +1,8 @@
 //! DICOMweb at `/dicomweb` (PS3.18): STOW-RS (streamed, instance by instance, with per-instance
 //! results), QIDO-RS for studies, series and instances, and WADO-RS retrieval of studies,
-//! series and instances as `multipart/related` Part 10 (byte for byte as stored) and of their
-//! metadata as DICOM JSON. Everything goes through the record path's DICOM calls; errors outside
+//! series and instances as `multipart/related` Part 10 (byte for byte as stored), of their
+//! metadata as DICOM JSON, of frames (as stored: compressed frames are not transcoded) and of
+//! rendered JPEG or PNG images of a frame. Everything goes through the record path's DICOM calls; errors outside
 //! the DICOM status model are RFC 9457 problem documents.
 
 use std::sync::Arc;
@@ -14,8 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use dicom_dictionary_std::tags;
 use futures::StreamExt;
+use glastonbury_dicom::frames::{self, FrameError};
 use glastonbury_dicom::multipart::{self, PartReader};
 use glastonbury_dicom::qido::{self, Level};
+use glastonbury_dicom::render::{self, ImageFormat, RenderError, RenderRequest, Window};
 use glastonbury_dicom::{InstanceError, json};
 use serde_json::{Map, Value, json as json_value};
 
@@ -57,6 +60,18 @@ pub fn routes() -> Router<AppState> {
         .route(
             "/studies/{study}/series/{series}/instances/{instance}/metadata",
             get(instance_metadata),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}",
+            get(retrieve_frames),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/rendered",
+            get(render_instance),
+        )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
+            get(render_frames),
         )
 }
 
@@ -134,10 +149,7 @@ async fn query_series_of_study(
     Path(study): Path<String>,
     query: RawQuery,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        ..DicomScope::default()
-    };
+    let scope = DicomScope::of(Some(study), None, None);
     run_query(state, caller, query, Level::Series, scope).await
 }
 
@@ -147,10 +159,7 @@ async fn query_instances_of_study(
     Path(study): Path<String>,
     query: RawQuery,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        ..DicomScope::default()
-    };
+    let scope = DicomScope::of(Some(study), None, None);
     run_query(state, caller, query, Level::Instance, scope).await
 }
 
@@ -160,11 +169,7 @@ async fn query_instances_of_series(
     Path((study, series)): Path<(String, String)>,
     query: RawQuery,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        series_uid: Some(series),
-        ..DicomScope::default()
-    };
+    let scope = DicomScope::of(Some(study), Some(series), None);
     run_query(state, caller, query, Level::Instance, scope).await
 }
 
@@ -244,10 +249,7 @@ async fn retrieve_study(
     Path(study): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        ..DicomScope::default()
-    };
+    let scope = DicomScope::of(Some(study), None, None);
     retrieve(state, caller, scope, headers).await
 }
 
@@ -257,11 +259,7 @@ async fn retrieve_series(
     Path((study, series)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        series_uid: Some(series),
-        ..DicomScope::default()
-    };
+    let scope = DicomScope::of(Some(study), Some(series), None);
     retrieve(state, caller, scope, headers).await
 }
 
@@ -271,11 +269,7 @@ async fn retrieve_instance(
     Path((study, series, instance)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        series_uid: Some(series),
-        instance_uid: Some(instance),
-    };
+    let scope = DicomScope::of(Some(study), Some(series), Some(instance));
     retrieve(state, caller, scope, headers).await
 }
 
@@ -396,10 +390,7 @@ async fn study_metadata(
     caller: Caller,
     Path(study): Path<String>,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        ..DicomScope::default()
-    };
+    let scope = DicomScope::of(Some(study), None, None);
     metadata(state, caller, scope).await
 }
 
@@ -408,11 +399,7 @@ async fn series_metadata(
     caller: Caller,
     Path((study, series)): Path<(String, String)>,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        series_uid: Some(series),
-        ..DicomScope::default()
-    };
+    let scope = DicomScope::of(Some(study), Some(series), None);
     metadata(state, caller, scope).await
 }
 
@@ -421,11 +408,7 @@ async fn instance_metadata(
     caller: Caller,
     Path((study, series, instance)): Path<(String, String, String)>,
 ) -> Response {
-    let scope = DicomScope {
-        study_uid: Some(study),
-        series_uid: Some(series),
-        instance_uid: Some(instance),
-    };
+    let scope = DicomScope::of(Some(study), Some(series), Some(instance));
     metadata(state, caller, scope).await
 }
 
@@ -466,6 +449,259 @@ async fn metadata(
         Value::Array(headers).to_string(),
     )
         .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// WADO-RS frames and rendered images
+
+/// The Part 10 file of one instance the caller may retrieve (journaled as a transfer).
+async fn one_instance_file(
+    state: &AppState,
+    caller: &Arc<crate::access::Principal>,
+    scope: &DicomScope,
+) -> Result<Bytes, Response> {
+    let records = &state.appliance.records;
+    let instances = authorized_instances(records, caller, scope)
+        .await
+        .map_err(problem)?;
+    let instance = instances
+        .first()
+        .ok_or_else(|| problem(RecordError::NotFound))?;
+    records.dicom_file(instance).await.map_err(problem)
+}
+
+fn frame_problem(error: &FrameError) -> Response {
+    let status = match error {
+        FrameError::OutOfRange { .. } | FrameError::NoPixelData => StatusCode::NOT_FOUND,
+        FrameError::Unlocatable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+    };
+    let title = status.canonical_reason().unwrap_or("Error");
+    Problem::new(status, title, error.to_string()).into_response()
+}
+
+fn render_problem(error: &RenderError) -> Response {
+    match error {
+        RenderError::Frame(frame_error) => frame_problem(frame_error),
+        RenderError::Unsupported(_) => Problem::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "Not Acceptable",
+            error.to_string(),
+        )
+        .into_response(),
+        RenderError::Undecodable => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Unprocessable Content",
+            error.to_string(),
+        )
+        .into_response(),
+    }
+}
+
+/// Whether `Accept` takes frames of this media type in this transfer syntax, as stored.
+fn frames_acceptable(headers: &HeaderMap, media_type: &str, transfer_syntax: &str) -> bool {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("*/*");
+    accept.split(',').any(|candidate| {
+        let media = candidate
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase();
+        let syntax_fits = multipart::parameter(candidate, "transfer-syntax")
+            .is_none_or(|syntax| syntax == "*" || syntax == transfer_syntax);
+        let type_fits = |kind: &str| kind == "*/*" || kind.eq_ignore_ascii_case(media_type);
+        match media.as_str() {
+            "*/*" => true,
+            "multipart/related" => {
+                syntax_fits
+                    && multipart::parameter(candidate, "type").is_none_or(|kind| type_fits(&kind))
+            }
+            other => syntax_fits && type_fits(other),
+        }
+    })
+}
+
+async fn retrieve_frames(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    Path((study, series, instance, frame_list)): Path<(String, String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(numbers) = frames::parse_frame_list(&frame_list) else {
+        return bad_request("frames are listed as 1-based numbers separated by commas");
+    };
+    let scope = DicomScope::of(Some(study), Some(series), Some(instance));
+    let file = match one_instance_file(&state, &caller, &scope).await {
+        Ok(file) => file,
+        Err(response) => return response,
+    };
+    let extracted = tokio::task::spawn_blocking(move || {
+        let object = glastonbury_dicom::instance::read_whole(&file)
+            .map_err(|_| FrameError::Unlocatable("the stored instance cannot be read"))?;
+        let transfer_syntax = object
+            .meta()
+            .transfer_syntax()
+            .trim_end_matches('\0')
+            .to_owned();
+        frames::extract(&object, &numbers).map(|frames| (transfer_syntax, frames))
+    })
+    .await;
+    let (stored_syntax, extracted) = match extracted {
+        Ok(Ok(extracted)) => extracted,
+        Ok(Err(error)) => return frame_problem(&error),
+        Err(_) => {
+            return frame_problem(&FrameError::Unlocatable(
+                "the stored pixel data cannot be read",
+            ));
+        }
+    };
+    let (media_type, transfer_syntax) = frames::media_type(&stored_syntax);
+    if !frames_acceptable(&headers, media_type, transfer_syntax) {
+        return Problem::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "Not Acceptable",
+            format!(
+                "frames of this instance are served as stored: multipart/related; type=\"{media_type}\"; transfer-syntax={transfer_syntax}"
+            ),
+        )
+        .into_response();
+    }
+    let boundary = uuid::Uuid::new_v4().simple().to_string();
+    let content_type = format!(
+        "multipart/related; type=\"{media_type}\"; transfer-syntax={transfer_syntax}; boundary={boundary}"
+    );
+    let part_type = format!("{media_type}; transfer-syntax={transfer_syntax}");
+    let mut body = Vec::new();
+    for frame in extracted {
+        body.extend_from_slice(&multipart::part_opening(&boundary, &part_type, &[]));
+        body.extend_from_slice(&frame);
+        body.extend_from_slice(multipart::PART_END);
+    }
+    body.extend_from_slice(&multipart::closing(&boundary));
+    (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+async fn render_instance(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series, instance)): Path<(String, String, String)>,
+    query: RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let scope = DicomScope::of(Some(study), Some(series), Some(instance));
+    render_frame(state, caller, scope, 1, query, headers).await
+}
+
+async fn render_frames(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series, instance, frame_list)): Path<(String, String, String, String)>,
+    query: RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let frame = match frames::parse_frame_list(&frame_list).as_deref() {
+        Some([frame]) => *frame,
+        _ => return bad_request("a rendered frame is named by one 1-based frame number"),
+    };
+    let scope = DicomScope::of(Some(study), Some(series), Some(instance));
+    render_frame(state, caller, scope, frame, query, headers).await
+}
+
+/// The rendered image format `Accept` asks for: JPEG unless only PNG is acceptable.
+fn rendered_format(headers: &HeaderMap) -> Option<ImageFormat> {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("*/*");
+    accept.split(',').find_map(|candidate| {
+        let media = candidate.split(';').next().unwrap_or_default().trim();
+        match media.to_ascii_lowercase().as_str() {
+            "image/jpeg" | "image/*" | "*/*" => Some(ImageFormat::Jpeg),
+            "image/png" => Some(ImageFormat::Png),
+            _ => None,
+        }
+    })
+}
+
+/// The rendering query parameters (PS3.18 8.3.5.1.3) this server honours.
+fn render_request(
+    frame: u32,
+    format: ImageFormat,
+    query: Option<&str>,
+) -> Result<RenderRequest, String> {
+    let mut request = RenderRequest {
+        frame,
+        format,
+        quality: 90,
+        window: None,
+    };
+    for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
+            "quality" => {
+                request.quality = value
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|quality| (1..=100).contains(quality))
+                    .ok_or("quality is a number from 1 to 100")?;
+            }
+            "window" => {
+                request.window = Some(Window::parse(&value).ok_or(
+                    "window is center,width[,linear|linear-exact|sigmoid] with a positive width",
+                )?);
+            }
+            other => {
+                return Err(format!(
+                    "rendering parameter '{other}' is not supported; supported: quality, window"
+                ));
+            }
+        }
+    }
+    Ok(request)
+}
+
+async fn render_frame(
+    State(state): State<AppState>,
+    Caller(caller): Caller,
+    scope: DicomScope,
+    frame: u32,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let Some(format) = rendered_format(&headers) else {
+        return Problem::new(
+            StatusCode::NOT_ACCEPTABLE,
+            "Not Acceptable",
+            "frames are rendered as image/jpeg or image/png".to_owned(),
+        )
+        .into_response();
+    };
+    let request = match render_request(frame, format, query.as_deref()) {
+        Ok(request) => request,
+        Err(reason) => return bad_request(reason),
+    };
+    let file = match one_instance_file(&state, &caller, &scope).await {
+        Ok(file) => file,
+        Err(response) => return response,
+    };
+    let rendered = tokio::task::spawn_blocking(move || {
+        let object =
+            glastonbury_dicom::instance::read_whole(&file).map_err(|_| RenderError::Undecodable)?;
+        render::render(&object, &request)
+    })
+    .await
+    .unwrap_or(Err(RenderError::Undecodable));
+    match rendered {
+        Ok(image) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, format.media_type())],
+            image,
+        )
+            .into_response(),
+        Err(error) => render_problem(&error),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -191,8 +191,23 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     tokio::spawn(reload_token_keys_periodically(appliance.clone()));
     tokio::spawn(purge_expired_exports_periodically(appliance.clone()));
     tokio::spawn(Arc::clone(&appliance.records).derive_imaging_studies());
+    let records = Arc::clone(&appliance.records);
+    tokio::spawn(async move {
+        match records.fill_deidentified_keys().await {
+            Ok(0) => {}
+            Ok(filled) => {
+                tracing::info!(instances = filled, "dicom de-identified view keys filled")
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "dicom de-identified view keys not filled")
+            }
+        }
+    });
     let dicom_listener = crate::dimse::bind(&appliance).await?;
-    tokio::spawn(crate::dimse::serve(appliance.clone(), dicom_listener));
+    tokio::spawn(crate::dimse::serve(appliance.clone(), dicom_listener, None));
+    if let Some((listener, tls)) = crate::dimse::bind_tls(&appliance).await? {
+        tokio::spawn(crate::dimse::serve(appliance.clone(), listener, Some(tls)));
+    }
     let listener = std::net::TcpListener::bind(address)
         .map_err(|source| ServeError::Listen { address, source })?;
     listener

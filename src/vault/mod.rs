@@ -152,6 +152,7 @@ pub struct Vault {
     master: RwLock<Arc<MasterKey>>,
     blind_index: BlindIndex,
     identities: Mutex<HashMap<String, Arc<age::x25519::Identity>>>,
+    deidentification: tokio::sync::OnceCell<glastonbury_dicom::deidentify::DeidentificationKey>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -197,6 +198,7 @@ impl Vault {
             master: RwLock::new(Arc::new(master)),
             blind_index,
             identities: Mutex::new(HashMap::new()),
+            deidentification: tokio::sync::OnceCell::new(),
         };
         Ok((vault, opening))
     }
@@ -321,12 +323,19 @@ impl Vault {
     pub async fn deidentification_key(
         &self,
     ) -> Result<glastonbury_dicom::deidentify::DeidentificationKey, VaultError> {
-        let master = self.current_master();
-        let seed =
-            Self::load_or_create_secret(&self.database, &master, DEIDENTIFICATION_SECRET).await?;
-        Ok(glastonbury_dicom::deidentify::DeidentificationKey::new(
-            *seed,
-        ))
+        let key = self
+            .deidentification
+            .get_or_try_init(|| async {
+                let master = self.current_master();
+                let seed =
+                    Self::load_or_create_secret(&self.database, &master, DEIDENTIFICATION_SECRET)
+                        .await?;
+                Ok::<_, VaultError>(glastonbury_dicom::deidentify::DeidentificationKey::new(
+                    *seed,
+                ))
+            })
+            .await?;
+        Ok(key.clone())
     }
 
     pub fn protector(&self) -> &dyn MasterKeyProtector {

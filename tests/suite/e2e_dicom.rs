@@ -838,3 +838,359 @@ fn a_research_feed_is_deidentified_on_ingest_by_policy() {
         1
     );
 }
+
+/// Every image transfer syntax of the corpus, lossless and lossy, with the same MR image in
+/// several lossless encodings (their renderings must agree).
+const RENDERED: &[&str] = &[
+    "MR_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jp2klossless.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "CT_small.dcm",
+    "JPEG2000.dcm",
+    "JPGExtended.dcm",
+    "JPEGLSNearLossless_16.dcm",
+    "SC_rgb_jpeg_gdcm.dcm",
+    "SC_rgb_dcmtk_+eb+cr.dcm",
+    "SC_rgb_dcmtk_+eb+cy+np.dcm",
+    "SC_rgb_rle.dcm",
+    "SC_rgb_gdcm_KY.dcm",
+    "SC_ybr_full_422_uncompressed.dcm",
+    "examples_palette.dcm",
+    "examples_ybr_color.dcm",
+    "image_dfl.dcm",
+    "SC_rgb_rle_2frame.dcm",
+    "liver_1frame.dcm",
+    "SC_rgb_jls_lossy_line.dcm",
+];
+
+#[test]
+fn frames_and_rendered_images_for_every_transfer_syntax() {
+    let gateway = Gateway::start();
+    let files: Vec<String> = RENDERED
+        .iter()
+        .map(|name| test_files().join(name).display().to_string())
+        .collect();
+    let mut arguments = vec![
+        "frames-and-renders".to_owned(),
+        "--base".to_owned(),
+        format!("{}/dicomweb", gateway.server.base_url),
+        "--token".to_owned(),
+        gateway
+            .server
+            .token_for("clinician", &["system/ImagingStudy.crs"]),
+    ];
+    arguments.extend(files);
+    let report = gateway.python(&arguments);
+    for entry in report["files"].as_array().unwrap() {
+        let name = entry["file"].as_str().unwrap();
+        assert_eq!(entry["frame_matches"], true, "{name}: {entry}");
+        // Color JPEG-LS and 12-bit JPEG are served as frames but not rendered, and say why.
+        let not_rendered = match name {
+            "SC_rgb_jls_lossy_line.dcm" => Some("JPEG-LS"),
+            "JPGExtended.dcm" => Some("12-bit"),
+            _ => None,
+        };
+        if let Some(reason) = not_rendered {
+            assert_eq!(entry["render_status"], 406, "{entry}");
+            assert!(entry["render_detail"].as_str().unwrap().contains(reason));
+            continue;
+        }
+        assert_eq!(entry["render_status"], 200, "{name}: {entry}");
+        assert_eq!(entry["jpeg_format"], "JPEG", "{name}");
+        let shape = entry["png_shape"].as_array().unwrap();
+        assert_eq!(shape[0], entry["rows_columns"][0], "{name}: {entry}");
+        assert_eq!(shape[1], entry["rows_columns"][1], "{name}: {entry}");
+        assert!(
+            entry["distinct_values"].as_u64().unwrap() > 1,
+            "{name} rendered as a flat image: {entry}"
+        );
+        if let Some(difference) = entry["max_difference_from_independent"].as_f64() {
+            assert!(difference <= 1.0, "{name}: {entry}");
+        }
+    }
+    let independently_checked = report["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["max_difference_from_independent"].is_number())
+        .count();
+    assert!(independently_checked >= 5, "{report}");
+    // The same MR image decoded from every lossless encoding renders the same.
+    for encoding in [
+        "MR_small_implicit.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_RLE.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ] {
+        let same = &report["same_image_as"][encoding];
+        assert_eq!(same["reference"], "MR_small.dcm", "{encoding}: {same}");
+        assert_eq!(same["max_difference"], 0.0, "{encoding}: {same}");
+    }
+
+    // Raw requests: a frame that does not exist, a bad frame list, a window, a refused format,
+    // an unknown rendering parameter, and a reader without PHI access.
+    let ct = identity("CT_small.dcm");
+    let instance = format!(
+        "studies/{}/series/{}/instances/{}",
+        ct.study_instance_uid, ct.series_instance_uid, ct.sop_instance_uid
+    );
+    let get = |path: &str, accept: &str| {
+        gateway
+            .client
+            .get(gateway.dicomweb(path))
+            .bearer_auth(&gateway.reader_token)
+            .header("accept", accept)
+            .send()
+            .unwrap()
+    };
+    let missing = get(&format!("{instance}/frames/2"), "*/*");
+    assert_eq!(missing.status().as_u16(), 404);
+    assert!(missing.text().unwrap().contains("frame 2 does not exist"));
+    assert_eq!(
+        get(&format!("{instance}/frames/0,x"), "*/*")
+            .status()
+            .as_u16(),
+        400
+    );
+    let compressed_as_native = get(
+        &format!(
+            "studies/{}/series/{}/instances/{}/frames/1",
+            identity("JPEG2000.dcm").study_instance_uid,
+            identity("JPEG2000.dcm").series_instance_uid,
+            identity("JPEG2000.dcm").sop_instance_uid
+        ),
+        "multipart/related; type=\"application/octet-stream\"",
+    );
+    assert_eq!(compressed_as_native.status().as_u16(), 406);
+    let narrow = get(&format!("{instance}/rendered?window=40,80"), "image/png");
+    let wide = get(&format!("{instance}/rendered?window=40,4000"), "image/png");
+    assert_eq!(narrow.status().as_u16(), 200);
+    assert_eq!(narrow.headers()["content-type"], "image/png");
+    assert_ne!(
+        narrow.bytes().unwrap(),
+        wide.bytes().unwrap(),
+        "the window changes the image"
+    );
+    assert_eq!(
+        get(&format!("{instance}/rendered"), "image/gif")
+            .status()
+            .as_u16(),
+        406
+    );
+    let unknown = get(
+        &format!("{instance}/rendered?annotation=patient"),
+        "image/jpeg",
+    );
+    assert_eq!(unknown.status().as_u16(), 400);
+    assert!(unknown.text().unwrap().contains("annotation"));
+    let rendered_frame = get(&format!("{instance}/frames/1/rendered"), "image/jpeg");
+    assert_eq!(rendered_frame.status().as_u16(), 200);
+    assert_eq!(&rendered_frame.bytes().unwrap()[..2], &[0xFF, 0xD8]);
+    let store_only = gateway
+        .client
+        .get(gateway.dicomweb(&format!("{instance}/rendered")))
+        .bearer_auth(&gateway.writer_token)
+        .send()
+        .unwrap();
+    assert_eq!(store_only.status().as_u16(), 403);
+}
+
+#[test]
+fn dimse_over_tls_verifies_the_server_and_admits_registered_peers_only() {
+    let certificates = tempfile::tempdir().unwrap();
+    let certificate = certificates.path().join("cert.pem");
+    let key = certificates.path().join("key.pem");
+    let generated = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&certificate)
+        .output()
+        .unwrap();
+    assert!(generated.status.success(), "{generated:?}");
+    let tls_port = free_port();
+    let tls_addr = format!("127.0.0.1:{tls_port}");
+    let gateway = Gateway::start_with(&[
+        ("GLASTONBURY_DICOM_TLS_CERT", certificate.to_str().unwrap()),
+        ("GLASTONBURY_DICOM_TLS_KEY", key.to_str().unwrap()),
+        ("GLASTONBURY_DICOM_TLS_ADDR", tls_addr.as_str()),
+    ]);
+    let tls_tool = |program: &str, aet: &str, trailing: &[&str]| {
+        Command::new(program)
+            .args(["+tla", "+cf"])
+            .arg(&certificate)
+            .args(["-aet", aet, "-aec", "GLASTONBURY", "127.0.0.1"])
+            .arg(tls_port.to_string())
+            .args(trailing)
+            .output()
+            .unwrap()
+    };
+    let echo = tls_tool("echoscu", "FINDSCU", &[]);
+    assert!(echo.status.success(), "{echo:?}");
+    let ct = test_files().join("CT_small.dcm");
+    let store = tls_tool("storescu", "STORESCU", &[ct.to_str().unwrap()]);
+    assert!(store.status.success(), "{store:?}");
+    let stored = gateway.qido(&format!(
+        "studies?StudyInstanceUID={}",
+        identity("CT_small.dcm").study_instance_uid
+    ));
+    assert_eq!(stored.len(), 1);
+    // An unregistered AE is refused over TLS as in the clear.
+    let stranger = tls_tool("echoscu", "STRANGER", &[]);
+    assert!(!stranger.status.success());
+    // A peer that does not speak TLS gets nowhere on the TLS port, and the plain port still
+    // answers.
+    let plain = Command::new("echoscu")
+        .args([
+            "-aet",
+            "FINDSCU",
+            "-aec",
+            "GLASTONBURY",
+            "-to",
+            "5",
+            "127.0.0.1",
+        ])
+        .arg(tls_port.to_string())
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    let plain_port = gateway.dcmtk("echoscu", "FINDSCU", &[], &[]);
+    assert!(plain_port.status.success(), "{plain_port:?}");
+}
+
+#[test]
+fn researchers_get_dicom_deidentified_with_remapped_uids_they_can_follow() {
+    let gateway = Gateway::start();
+    let ct = identity("CT_small.dcm");
+    let (status, _) = gateway.stow(&gateway.writer_token, "studies", &[read("CT_small.dcm")]);
+    assert_eq!(status, 200);
+    let researcher = gateway
+        .server
+        .token_for("researcher", &["system/ImagingStudy.rs"]);
+    let get = |path: &str, accept: &str| {
+        gateway
+            .client
+            .get(gateway.dicomweb(path))
+            .bearer_auth(&researcher)
+            .header("accept", accept)
+            .send()
+            .unwrap()
+    };
+    // QIDO: the study is found, de-identified, under a remapped UID.
+    let studies: Vec<Value> = get("studies?includefield=all", "application/dicom+json")
+        .json()
+        .unwrap();
+    assert_eq!(studies.len(), 1, "{studies:?}");
+    let shown_study = text(&studies[0], "0020000D").unwrap();
+    assert_ne!(shown_study, ct.study_instance_uid);
+    assert!(shown_study.starts_with("2.25."), "{shown_study}");
+    let listed = studies[0].to_string();
+    for identifying in [
+        "CompressedSamples^CT1",
+        "1CT1",
+        "JFK IMAGING CENTER",
+        "20040119",
+    ] {
+        assert!(
+            !listed.contains(identifying),
+            "{identifying} in the de-identified QIDO result: {listed}"
+        );
+    }
+    // Matching that could re-identify is refused; matching on the remapped UID is not.
+    let by_name = get("studies?PatientName=Compressed*", "application/dicom+json");
+    assert_eq!(by_name.status().as_u16(), 400);
+    assert!(by_name.text().unwrap().contains("PatientName"));
+    let series: Vec<Value> = get(
+        &format!("studies/{shown_study}/series"),
+        "application/dicom+json",
+    )
+    .json()
+    .unwrap();
+    assert_eq!(series.len(), 1);
+    let shown_series = text(&series[0], "0020000E").unwrap();
+    let instances: Vec<Value> = get(
+        &format!("studies/{shown_study}/series/{shown_series}/instances"),
+        "application/dicom+json",
+    )
+    .json()
+    .unwrap();
+    let shown_instance = text(&instances[0], "00080018").unwrap();
+    assert_ne!(shown_instance, ct.sop_instance_uid);
+    // WADO-RS by the remapped UIDs: a de-identified Part 10 file, pixels intact.
+    let instance_path =
+        format!("studies/{shown_study}/series/{shown_series}/instances/{shown_instance}");
+    let response = get(
+        &instance_path,
+        "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+    );
+    assert_eq!(response.status().as_u16(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let boundary = glastonbury_dicom::multipart::boundary_of(&content_type).unwrap();
+    let mut reader = glastonbury_dicom::multipart::PartReader::new(&boundary, 1 << 30);
+    let mut parts = reader.push(&response.bytes().unwrap()).unwrap();
+    reader.finish().unwrap();
+    let retrieved = glastonbury_dicom::instance::from_part10(parts.remove(0).body).unwrap();
+    assert_eq!(retrieved.sop_instance_uid, shown_instance);
+    assert_eq!(retrieved.study_instance_uid, shown_study);
+    let patient_name = glastonbury_dicom::instance::text_of(
+        &retrieved.header,
+        dicom_dictionary_std::tags::PATIENT_NAME,
+    );
+    assert!(
+        patient_name.is_none_or(|name| !name.contains("CompressedSamples")),
+        "the patient's name left with the file"
+    );
+    let original = glastonbury_dicom::instance::read_whole(&read("CT_small.dcm")).unwrap();
+    let shown = glastonbury_dicom::instance::read_whole(&retrieved.part10).unwrap();
+    assert_eq!(
+        glastonbury_dicom::frames::extract(&original, &[1]).unwrap(),
+        glastonbury_dicom::frames::extract(&shown, &[1]).unwrap(),
+        "de-identification keeps the pixels"
+    );
+    // Metadata and rendered images follow the same remapped UIDs.
+    let metadata: Vec<Value> = get(
+        &format!("{instance_path}/metadata"),
+        "application/dicom+json",
+    )
+    .json()
+    .unwrap();
+    assert!(!metadata[0].to_string().contains("CompressedSamples"));
+    assert_eq!(text(&metadata[0], "00120062").as_deref(), Some("YES"));
+    assert_eq!(
+        get(&format!("{instance_path}/rendered"), "image/png")
+            .status()
+            .as_u16(),
+        200
+    );
+    // The real UIDs are no oracle in the de-identified view.
+    let by_real_uid = get(
+        &format!(
+            "studies/{}/series/{}/instances/{}",
+            ct.study_instance_uid, ct.series_instance_uid, ct.sop_instance_uid
+        ),
+        "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+    );
+    assert_eq!(by_real_uid.status().as_u16(), 404);
+    // A clinician still sees the study as stored.
+    let clinical = gateway.qido(&format!(
+        "studies?StudyInstanceUID={}",
+        ct.study_instance_uid
+    ));
+    assert_eq!(clinical.len(), 1);
+}
