@@ -587,6 +587,9 @@ impl Context<'_> {
                     Some("the query matches too much; narrow it"),
                 )];
             }
+            Err(RecordError::Invalid(reason)) => {
+                return vec![final_reply(status::UNABLE_TO_PROCESS, Some(&reason))];
+            }
             Err(error) => {
                 tracing::error!(error = %error, "c-find failed");
                 return vec![final_reply(
@@ -596,6 +599,8 @@ impl Context<'_> {
             }
         };
         let mut replies = Vec::with_capacity(matches.len() + 1);
+        // PATIENT level is answered from the studies: one identifier per distinct patient.
+        let mut patients_answered = std::collections::HashSet::new();
         for found in matches {
             let Some(identifier) =
                 glastonbury_dicom::json::identifier(&found.attributes, &returned_keys, &level_text)
@@ -605,6 +610,9 @@ impl Context<'_> {
             let Some(bytes) = dimse::encode_data_set(&identifier, &self.transfer_syntax) else {
                 continue;
             };
+            if level_text == "PATIENT" && !patients_answered.insert(bytes.clone()) {
+                continue;
+            }
             replies.push(Reply {
                 command: dimse::find_response(
                     message_id,

@@ -784,7 +784,22 @@ async fn run_store(
     let mut reader = PartReader::new(&boundary, multipart::DEFAULT_MAX_PART_BYTES);
     let mut body = request.into_body().into_data_stream();
     let mut outcomes = Vec::new();
-    while let Some(chunk) = body.next().await {
+    // A study may take long to upload: the deadline is per chunk, not per request.
+    let idle_limit =
+        std::time::Duration::from_secs(state.appliance.settings.request_timeout_seconds);
+    loop {
+        let chunk = match tokio::time::timeout(idle_limit, body.next()).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(_) => {
+                return Problem::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Request Timeout",
+                    "no data arrived within the request timeout; instances received before were stored (see the answer of a retry)".to_owned(),
+                )
+                .into_response();
+            }
+        };
         let Ok(chunk) = chunk else {
             return bad_request("the request body could not be read");
         };

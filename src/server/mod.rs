@@ -136,12 +136,31 @@ pub fn router(state: AppState) -> Router {
             }))
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
             .layer(security_headers)
-            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-                axum::http::StatusCode::REQUEST_TIMEOUT,
+            .layer(axum::middleware::from_fn_with_state(
                 Duration::from_secs(settings.request_timeout_seconds),
+                request_deadline,
             ))
             .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes)),
     )
+}
+
+/// Ends a request that has no response within `request_timeout_seconds` with 408, except a
+/// STOW-RS upload, which runs as long as its data keeps arriving (it times out an idle body).
+async fn request_deadline(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let upload = request.method() == axum::http::Method::POST
+        && request.uri().path().starts_with("/dicomweb/studies");
+    if upload {
+        return next.run(request).await;
+    }
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => axum::http::StatusCode::REQUEST_TIMEOUT.into_response(),
+    }
 }
 
 /// Refuses a source address over its request rate with 429 (probes and metrics exempt).

@@ -35,10 +35,13 @@ def pynetdicom_store(args):
 def pynetdicom_find(args):
     from pydicom.dataset import Dataset
     from pynetdicom import AE
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+    from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                      StudyRootQueryRetrieveInformationModelFind)
 
+    model = (PatientRootQueryRetrieveInformationModelFind if args.level == "PATIENT"
+             else StudyRootQueryRetrieveInformationModelFind)
     ae = AE(ae_title=args.aet)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(model)
     association = ae.associate(args.host, args.port, ae_title=args.called)
     if not association.is_established:
         print(json.dumps({"established": False}))
@@ -50,7 +53,7 @@ def pynetdicom_find(args):
         setattr(query, keyword, value)
     matches = []
     final = None
-    for status, identifier in association.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+    for status, identifier in association.send_c_find(query, model):
         if status is None:
             break
         if status.Status in (0xFF00, 0xFF01) and identifier is not None:

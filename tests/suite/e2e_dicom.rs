@@ -583,6 +583,56 @@ fn dcmtk_and_pynetdicom_echo_store_and_find() {
             .any(|found| found["StudyInstanceUID"] == ct.study_instance_uid.as_str()),
         "{find}"
     );
+    // Patient Root at PATIENT level: one answer per patient, however many studies they have
+    // (the CT patient gets a second study first).
+    let second_study = gateway.workspace.path().join("second-study.dcm");
+    let written = Command::new(python())
+        .args([
+            "-c",
+            "import sys, pydicom; from pydicom.uid import generate_uid as g\n\
+             ds = pydicom.dcmread(sys.argv[1])\n\
+             ds.StudyInstanceUID, ds.SeriesInstanceUID = g(), g()\n\
+             ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = g()\n\
+             ds.save_as(sys.argv[2])",
+        ])
+        .arg(test_files().join("CT_small.dcm"))
+        .arg(&second_study)
+        .output()
+        .unwrap();
+    assert!(written.status.success(), "{written:?}");
+    let stored = gateway.dcmtk(
+        "storescu",
+        "STORESCU",
+        &[],
+        &[second_study.to_str().unwrap()],
+    );
+    assert!(stored.status.success(), "{stored:?}");
+    let patients = gateway.python(&[
+        "find".into(),
+        "--port".into(),
+        gateway.dicom_port.to_string(),
+        "--aet".into(),
+        "FINDSCU".into(),
+        "--called".into(),
+        "GLASTONBURY".into(),
+        "--level".into(),
+        "PATIENT".into(),
+        "PatientName=*".into(),
+        "PatientID=".into(),
+    ]);
+    assert_eq!(patients["final"], 0, "{patients}");
+    let answered: Vec<String> = patients["matches"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|found| format!("{}|{}", found["PatientName"], found["PatientID"]))
+        .collect();
+    let distinct: BTreeSet<&String> = answered.iter().collect();
+    assert_eq!(distinct.len(), answered.len(), "{patients}");
+    assert!(
+        answered.contains(&"\"CompressedSamples^CT1\"|\"1CT1\"".to_owned()),
+        "{patients}"
+    );
     // The refusal of the stranger is in the audit journal.
     let compliance = gateway.server.token_for("compliance", &[]);
     let journal = gateway
@@ -1193,4 +1243,69 @@ fn researchers_get_dicom_deidentified_with_remapped_uids_they_can_follow() {
         ct.study_instance_uid
     ));
     assert_eq!(clinical.len(), 1);
+}
+
+/// A body that arrives in small pieces with pauses between them, as from a slow link.
+struct SlowBody {
+    bytes: Vec<u8>,
+    sent: usize,
+    piece: usize,
+    pause: std::time::Duration,
+}
+
+impl std::io::Read for SlowBody {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        if self.sent == self.bytes.len() {
+            return Ok(0);
+        }
+        if self.sent > 0 {
+            std::thread::sleep(self.pause);
+        }
+        let end = (self.sent + self.piece.min(buffer.len())).min(self.bytes.len());
+        let count = end - self.sent;
+        buffer[..count].copy_from_slice(&self.bytes[self.sent..end]);
+        self.sent = end;
+        Ok(count)
+    }
+}
+
+#[test]
+fn a_stow_upload_may_outlast_the_request_timeout_while_data_keeps_coming() {
+    let gateway = Gateway::start_with(&[("GLASTONBURY_REQUEST_TIMEOUT_SECONDS", "1")]);
+    let boundary = "slow-link";
+    let mut body = format!("--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").into_bytes();
+    body.extend(read("CT_small.dcm"));
+    body.extend(format!("\r\n--{boundary}--\r\n").as_bytes());
+    // About 3 s in all, never more than 0.3 s without data.
+    let piece = body.len() / 10 + 1;
+    let slow = SlowBody {
+        bytes: body,
+        sent: 0,
+        piece,
+        pause: std::time::Duration::from_millis(300),
+    };
+    let started = std::time::Instant::now();
+    let response = gateway
+        .client
+        .post(gateway.dicomweb("studies"))
+        .bearer_auth(&gateway.writer_token)
+        .header(
+            "content-type",
+            format!("multipart/related; type=\"application/dicom\"; boundary={boundary}"),
+        )
+        .body(reqwest::blocking::Body::new(slow))
+        .send()
+        .unwrap();
+    assert!(started.elapsed() > std::time::Duration::from_secs(2));
+    assert_eq!(response.status().as_u16(), 200, "{:?}", response.text());
+    let ct = identity("CT_small.dcm");
+    assert_eq!(
+        gateway
+            .qido(&format!(
+                "studies?StudyInstanceUID={}",
+                ct.study_instance_uid
+            ))
+            .len(),
+        1
+    );
 }
