@@ -273,26 +273,37 @@ async fn retrieve_instance(
     retrieve(state, caller, scope, headers).await
 }
 
-/// What a retrieval's `Accept` asks for: Part 10 files (in any transfer syntax, or one that
-/// must be the stored one: nothing is transcoded).
-fn accepted_transfer_syntax(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+/// The media ranges of `Accept` (`*/*` when absent): each lower-cased media type with the
+/// whole candidate, parameters included.
+fn accept_candidates(headers: &HeaderMap) -> Vec<(String, String)> {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|value| value.to_str().ok())
         .unwrap_or("*/*");
-    for candidate in accept.split(',') {
-        let media = candidate
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
+    accept
+        .split(',')
+        .map(|candidate| {
+            let media = candidate
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase();
+            (media, candidate.to_owned())
+        })
+        .collect()
+}
+
+/// What a retrieval's `Accept` asks for: Part 10 files (in any transfer syntax, or one that
+/// must be the stored one: nothing is transcoded).
+fn accepted_transfer_syntax(headers: &HeaderMap) -> Result<Option<String>, Problem> {
+    for (media, candidate) in accept_candidates(headers) {
         let dicom_parts = media == "multipart/related"
-            && multipart::parameter(candidate, "type")
+            && multipart::parameter(&candidate, "type")
                 .is_none_or(|kind| kind.eq_ignore_ascii_case("application/dicom"));
         if dicom_parts || media == "*/*" || media == "application/dicom" {
             let syntax =
-                multipart::parameter(candidate, "transfer-syntax").filter(|syntax| syntax != "*");
+                multipart::parameter(&candidate, "transfer-syntax").filter(|syntax| syntax != "*");
             return Ok(syntax);
         }
     }
@@ -499,29 +510,22 @@ fn render_problem(error: &RenderError) -> Response {
 
 /// Whether `Accept` takes frames of this media type in this transfer syntax, as stored.
 fn frames_acceptable(headers: &HeaderMap, media_type: &str, transfer_syntax: &str) -> bool {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("*/*");
-    accept.split(',').any(|candidate| {
-        let media = candidate
-            .split(';')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_ascii_lowercase();
-        let syntax_fits = multipart::parameter(candidate, "transfer-syntax")
-            .is_none_or(|syntax| syntax == "*" || syntax == transfer_syntax);
-        let type_fits = |kind: &str| kind == "*/*" || kind.eq_ignore_ascii_case(media_type);
-        match media.as_str() {
-            "*/*" => true,
-            "multipart/related" => {
-                syntax_fits
-                    && multipart::parameter(candidate, "type").is_none_or(|kind| type_fits(&kind))
+    accept_candidates(headers)
+        .into_iter()
+        .any(|(media, candidate)| {
+            let syntax_fits = multipart::parameter(&candidate, "transfer-syntax")
+                .is_none_or(|syntax| syntax == "*" || syntax == transfer_syntax);
+            let type_fits = |kind: &str| kind == "*/*" || kind.eq_ignore_ascii_case(media_type);
+            match media.as_str() {
+                "*/*" => true,
+                "multipart/related" => {
+                    syntax_fits
+                        && multipart::parameter(&candidate, "type")
+                            .is_none_or(|kind| type_fits(&kind))
+                }
+                other => syntax_fits && type_fits(other),
             }
-            other => syntax_fits && type_fits(other),
-        }
-    })
+        })
 }
 
 async fn retrieve_frames(
@@ -612,18 +616,13 @@ async fn render_frames(
 
 /// The rendered image format `Accept` asks for: JPEG unless only PNG is acceptable.
 fn rendered_format(headers: &HeaderMap) -> Option<ImageFormat> {
-    let accept = headers
-        .get(header::ACCEPT)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("*/*");
-    accept.split(',').find_map(|candidate| {
-        let media = candidate.split(';').next().unwrap_or_default().trim();
-        match media.to_ascii_lowercase().as_str() {
+    accept_candidates(headers)
+        .into_iter()
+        .find_map(|(media, _)| match media.as_str() {
             "image/jpeg" | "image/*" | "*/*" => Some(ImageFormat::Jpeg),
             "image/png" => Some(ImageFormat::Png),
             _ => None,
-        }
-    })
+        })
 }
 
 /// The rendering query parameters (PS3.18 8.3.5.1.3) this server honours.

@@ -163,6 +163,43 @@ impl Gateway {
         serde_json::from_slice(&output.stdout).unwrap()
     }
 
+    /// The arguments of a dicomweb-client run of `dicom_peers.py` on these test files.
+    fn dicomweb_client_arguments(&self, command: &str, token: &str, names: &[&str]) -> Vec<String> {
+        let mut arguments = vec![
+            command.to_owned(),
+            "--base".to_owned(),
+            format!("{}/dicomweb", self.server.base_url),
+            "--token".to_owned(),
+            token.to_owned(),
+        ];
+        arguments.extend(
+            names
+                .iter()
+                .map(|name| test_files().join(name).display().to_string()),
+        );
+        arguments
+    }
+
+    /// A pynetdicom C-FIND from the workstation AE at `level` with these `Keyword=value` keys.
+    fn find_as_workstation(&self, level: &str, keys: &[&str]) -> Value {
+        let mut arguments: Vec<String> = [
+            "find",
+            "--port",
+            &self.dicom_port.to_string(),
+            "--aet",
+            "FINDSCU",
+            "--called",
+            "GLASTONBURY",
+            "--level",
+            level,
+        ]
+        .iter()
+        .map(|argument| (*argument).to_owned())
+        .collect();
+        arguments.extend(keys.iter().map(|key| (*key).to_owned()));
+        self.python(&arguments)
+    }
+
     /// A STOW-RS request of these parts (raw bytes), as `token`.
     fn stow(&self, token: &str, path: &str, parts: &[Vec<u8>]) -> (u16, Value) {
         let boundary = "glastonbury-test-boundary";
@@ -561,19 +598,10 @@ fn dcmtk_and_pynetdicom_echo_store_and_find() {
         glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::PATIENT_NAME)
             .unwrap();
     let prefix: String = name.chars().take(2).collect();
-    let find = gateway.python(&[
-        "find".into(),
-        "--port".into(),
-        gateway.dicom_port.to_string(),
-        "--aet".into(),
-        "FINDSCU".into(),
-        "--called".into(),
-        "GLASTONBURY".into(),
-        "--level".into(),
-        "STUDY".into(),
-        format!("PatientName={prefix}*"),
-        "StudyInstanceUID=".into(),
-    ]);
+    let find = gateway.find_as_workstation(
+        "STUDY",
+        &[&format!("PatientName={prefix}*"), "StudyInstanceUID="],
+    );
     assert_eq!(find["final"], 0, "{find}");
     assert!(
         find["matches"]
@@ -607,19 +635,7 @@ fn dcmtk_and_pynetdicom_echo_store_and_find() {
         &[second_study.to_str().unwrap()],
     );
     assert!(stored.status.success(), "{stored:?}");
-    let patients = gateway.python(&[
-        "find".into(),
-        "--port".into(),
-        gateway.dicom_port.to_string(),
-        "--aet".into(),
-        "FINDSCU".into(),
-        "--called".into(),
-        "GLASTONBURY".into(),
-        "--level".into(),
-        "PATIENT".into(),
-        "PatientName=*".into(),
-        "PatientID=".into(),
-    ]);
+    let patients = gateway.find_as_workstation("PATIENT", &["PatientName=*", "PatientID="]);
     assert_eq!(patients["final"], 0, "{patients}");
     let answered: Vec<String> = patients["matches"]
         .as_array()
@@ -649,18 +665,11 @@ fn dcmtk_and_pynetdicom_echo_store_and_find() {
 #[test]
 fn dicomweb_client_stores_searches_and_retrieves() {
     let gateway = Gateway::start();
-    let files: Vec<String> = ["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"]
-        .iter()
-        .map(|name| test_files().join(name).display().to_string())
-        .collect();
-    let mut arguments = vec![
-        "dicomweb".to_owned(),
-        "--base".to_owned(),
-        format!("{}/dicomweb", gateway.server.base_url),
-        "--token".to_owned(),
-        gateway.writer_token.clone(),
-    ];
-    arguments.extend(files.clone());
+    let mut arguments = gateway.dicomweb_client_arguments(
+        "dicomweb",
+        &gateway.writer_token,
+        &["CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm"],
+    );
     // A store-only token stores, then is refused the search.
     let store_only = Command::new(python())
         .arg(repository().join("tests/python/dicom_peers.py"))
@@ -919,20 +928,10 @@ const RENDERED: &[&str] = &[
 #[test]
 fn frames_and_rendered_images_for_every_transfer_syntax() {
     let gateway = Gateway::start();
-    let files: Vec<String> = RENDERED
-        .iter()
-        .map(|name| test_files().join(name).display().to_string())
-        .collect();
-    let mut arguments = vec![
-        "frames-and-renders".to_owned(),
-        "--base".to_owned(),
-        format!("{}/dicomweb", gateway.server.base_url),
-        "--token".to_owned(),
-        gateway
-            .server
-            .token_for("clinician", &["system/ImagingStudy.crs"]),
-    ];
-    arguments.extend(files);
+    let workstation = gateway
+        .server
+        .token_for("clinician", &["system/ImagingStudy.crs"]);
+    let arguments = gateway.dicomweb_client_arguments("frames-and-renders", &workstation, RENDERED);
     let report = gateway.python(&arguments);
     for entry in report["files"].as_array().unwrap() {
         let name = entry["file"].as_str().unwrap();
