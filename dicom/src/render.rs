@@ -100,6 +100,19 @@ pub struct RenderRequest {
     /// JPEG quality, 1–100.
     pub quality: u8,
     pub window: Option<Window>,
+    /// The largest width and height of the image; it is scaled down, keeping its aspect ratio,
+    /// to fit (never up).
+    pub viewport: Option<(u32, u32)>,
+}
+
+/// Parses the `viewport` query parameter: `width,height` in pixels (the cropping form with a
+/// source rectangle is not supported).
+pub fn parse_viewport(text: &str) -> Option<(u32, u32)> {
+    let (width, height) = text.split_once(',')?;
+    let width = width.trim().parse::<u32>().ok()?;
+    let height = height.trim().parse::<u32>().ok()?;
+    let fits = |side: u32| (1..=16_384).contains(&side);
+    (fits(width) && fits(height)).then_some((width, height))
 }
 
 /// Why a frame cannot be rendered. Messages name encodings and attributes, never values.
@@ -151,7 +164,56 @@ pub fn render(
     check_size(object)?;
     let stored = stored_frame(object, request.frame)?;
     let display = to_display(object, stored, request.window)?;
+    let display = match request.viewport {
+        Some(viewport) => fit_into(display, viewport),
+        None => display,
+    };
     encode(&display, request)
+}
+
+/// Scales a frame down to fit the viewport, each output pixel the mean of the input pixels it
+/// covers (a box filter: no aliasing on thumbnails of fine structure).
+fn fit_into(display: DisplayFrame, (max_width, max_height): (u32, u32)) -> DisplayFrame {
+    let scale = (f64::from(max_width) / f64::from(display.columns))
+        .min(f64::from(max_height) / f64::from(display.rows));
+    if scale >= 1.0 {
+        return display;
+    }
+    let columns = ((f64::from(display.columns) * scale).round() as u32).max(1);
+    let rows = ((f64::from(display.rows) * scale).round() as u32).max(1);
+    let channels = if display.color { 3 } else { 1 };
+    let source_width = display.columns as usize;
+    let span = |index: u32, out: u32, input: u32| {
+        let start = (u64::from(index) * u64::from(input) / u64::from(out)) as usize;
+        let end = ((u64::from(index) + 1) * u64::from(input) / u64::from(out)) as usize;
+        start..end.max(start + 1)
+    };
+    let mut pixels = Vec::with_capacity(columns as usize * rows as usize * channels);
+    for row in 0..rows {
+        let source_rows = span(row, rows, display.rows);
+        for column in 0..columns {
+            let source_columns = span(column, columns, display.columns);
+            for channel in 0..channels {
+                let mut sum = 0u64;
+                let mut count = 0u64;
+                for source_row in source_rows.clone() {
+                    for source_column in source_columns.clone() {
+                        let index =
+                            (source_row * source_width + source_column) * channels + channel;
+                        sum += u64::from(display.pixels[index]);
+                        count += 1;
+                    }
+                }
+                pixels.push((sum / count.max(1)) as u8);
+            }
+        }
+    }
+    DisplayFrame {
+        rows,
+        columns,
+        color: display.color,
+        pixels,
+    }
 }
 
 fn check_size(object: &FileDicomObject<InMemDicomObject>) -> Result<(), RenderError> {
@@ -653,6 +715,31 @@ mod tests {
         assert_eq!(stored_value(0x07FF, 12, true), 2047.0);
         assert_eq!(stored_value(0xF0FF, 12, false), 255.0);
         assert_eq!(stored_value(u32::MAX, 32, false), u32::MAX as f64);
+    }
+
+    #[test]
+    fn viewports_shrink_keeping_the_aspect_ratio_and_never_grow() {
+        let frame = DisplayFrame {
+            rows: 4,
+            columns: 8,
+            color: false,
+            pixels: (0..32)
+                .map(|value| if value % 8 < 4 { 0 } else { 200 })
+                .collect(),
+        };
+        let fitted = fit_into(frame, (4, 4));
+        assert_eq!((fitted.columns, fitted.rows), (4, 2));
+        assert_eq!(fitted.pixels, vec![0, 0, 200, 200, 0, 0, 200, 200]);
+        let small = DisplayFrame {
+            rows: 2,
+            columns: 2,
+            color: true,
+            pixels: vec![1; 12],
+        };
+        assert_eq!(fit_into(small, (100, 100)).columns, 2);
+        assert_eq!(parse_viewport("128,128"), Some((128, 128)));
+        assert_eq!(parse_viewport("0,128"), None);
+        assert_eq!(parse_viewport("128,128,0,0,64,64"), None);
     }
 
     #[test]

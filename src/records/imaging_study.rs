@@ -21,7 +21,11 @@ use crate::journal::{AuditDraft, codes};
 const MAX_LISTED_INSTANCES: usize = 10_000;
 
 /// How long stores of one study are gathered before its ImagingStudy is rebuilt.
-const GATHER: Duration = Duration::from_millis(500);
+/// A study is rebuilt once its instances have stopped arriving for this long…
+const QUIET: Duration = Duration::from_millis(500);
+
+/// …or after this long, when they keep arriving (a modality streaming a large study).
+const MAX_GATHER: Duration = Duration::from_secs(10);
 
 /// The appliance itself, as the author of derived records.
 fn appliance_principal() -> Principal {
@@ -148,8 +152,9 @@ impl Records {
         Ok(found.map(|(study_key,)| study_key))
     }
 
-    /// Keeps every study's ImagingStudy current: gathers the studies of stored instances for a
-    /// moment, then rebuilds each once. Runs until the process ends.
+    /// Keeps every study's ImagingStudy current: gathers the studies of stored instances until
+    /// they stop arriving for a moment (at most ten seconds), then rebuilds each once. Runs
+    /// until the process ends.
     pub async fn derive_imaging_studies(self: Arc<Self>) {
         let mut stored = self.subscribe();
         loop {
@@ -162,10 +167,20 @@ impl Records {
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             }
-            let deadline = tokio::time::Instant::now() + GATHER;
-            while let Ok(Ok(event)) = tokio::time::timeout_at(deadline, stored.recv()).await {
-                if event.meta.key.resource_type == DICOM_INSTANCE {
-                    studies.insert(event.meta.key.resource_id);
+            // Rebuilding decrypts every instance header of the study: during a burst of
+            // C-STOREs, wait for quiet (or at most MAX_GATHER) and rebuild once.
+            let last_chance = tokio::time::Instant::now() + MAX_GATHER;
+            loop {
+                let deadline = (tokio::time::Instant::now() + QUIET).min(last_chance);
+                match tokio::time::timeout_at(deadline, stored.recv()).await {
+                    Ok(Ok(event)) if event.meta.key.resource_type == DICOM_INSTANCE => {
+                        studies.insert(event.meta.key.resource_id);
+                    }
+                    Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
+                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => break,
+                }
+                if tokio::time::Instant::now() >= last_chance {
+                    break;
                 }
             }
             let mut study_keys = std::collections::BTreeSet::new();

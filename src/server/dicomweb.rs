@@ -73,6 +73,10 @@ pub fn routes() -> Router<AppState> {
             "/studies/{study}/series/{series}/instances/{instance}/frames/{frames}/rendered",
             get(render_frames),
         )
+        .route(
+            "/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+            get(thumbnail_instance),
+        )
 }
 
 /// An error of the DICOMweb surface, as a problem document.
@@ -596,7 +600,22 @@ async fn render_instance(
     headers: HeaderMap,
 ) -> Response {
     let scope = DicomScope::of(Some(study), Some(series), Some(instance));
-    render_frame(state, caller, scope, 1, query, headers).await
+    render_frame(state, caller, scope, 1, query, headers, None).await
+}
+
+/// The side of a thumbnail's box when the request names no viewport.
+const THUMBNAIL_SIDE: u32 = 128;
+
+async fn thumbnail_instance(
+    state: State<AppState>,
+    caller: Caller,
+    Path((study, series, instance)): Path<(String, String, String)>,
+    query: RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let scope = DicomScope::of(Some(study), Some(series), Some(instance));
+    let viewport = Some((THUMBNAIL_SIDE, THUMBNAIL_SIDE));
+    render_frame(state, caller, scope, 1, query, headers, viewport).await
 }
 
 async fn render_frames(
@@ -611,7 +630,7 @@ async fn render_frames(
         _ => return bad_request("a rendered frame is named by one 1-based frame number"),
     };
     let scope = DicomScope::of(Some(study), Some(series), Some(instance));
-    render_frame(state, caller, scope, frame, query, headers).await
+    render_frame(state, caller, scope, frame, query, headers, None).await
 }
 
 /// The rendered image format `Accept` asks for: JPEG unless only PNG is acceptable.
@@ -636,6 +655,7 @@ fn render_request(
         format,
         quality: 90,
         window: None,
+        viewport: None,
     };
     for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match name.as_ref() {
@@ -651,9 +671,14 @@ fn render_request(
                     "window is center,width[,linear|linear-exact|sigmoid] with a positive width",
                 )?);
             }
+            "viewport" => {
+                request.viewport = Some(render::parse_viewport(&value).ok_or(
+                    "viewport is width,height in pixels (1 to 16384; cropping is not supported)",
+                )?);
+            }
             other => {
                 return Err(format!(
-                    "rendering parameter '{other}' is not supported; supported: quality, window"
+                    "rendering parameter '{other}' is not supported; supported: quality, window, viewport"
                 ));
             }
         }
@@ -668,6 +693,7 @@ async fn render_frame(
     frame: u32,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    default_viewport: Option<(u32, u32)>,
 ) -> Response {
     let Some(format) = rendered_format(&headers) else {
         return Problem::new(
@@ -677,10 +703,11 @@ async fn render_frame(
         )
         .into_response();
     };
-    let request = match render_request(frame, format, query.as_deref()) {
+    let mut request = match render_request(frame, format, query.as_deref()) {
         Ok(request) => request,
         Err(reason) => return bad_request(reason),
     };
+    request.viewport = request.viewport.or(default_viewport);
     let file = match one_instance_file(&state, &caller, &scope).await {
         Ok(file) => file,
         Err(response) => return response,

@@ -1036,6 +1036,15 @@ fn frames_and_rendered_images_for_every_transfer_syntax() {
     );
     assert_eq!(unknown.status().as_u16(), 400);
     assert!(unknown.text().unwrap().contains("annotation"));
+    // CT_small is 128 × 128: a 64 × 32 viewport makes a 32 × 32 image, a thumbnail 128 × 128.
+    let fitted = get(&format!("{instance}/rendered?viewport=64,32"), "image/png");
+    assert_eq!(fitted.status().as_u16(), 200);
+    let fitted = fitted.bytes().unwrap();
+    assert_eq!(png_size(&fitted), (32, 32));
+    let thumbnail = get(&format!("{instance}/thumbnail"), "image/png")
+        .bytes()
+        .unwrap();
+    assert_eq!(png_size(&thumbnail), (128, 128));
     let rendered_frame = get(&format!("{instance}/frames/1/rendered"), "image/jpeg");
     assert_eq!(rendered_frame.status().as_u16(), 200);
     assert_eq!(&rendered_frame.bytes().unwrap()[..2], &[0xFF, 0xD8]);
@@ -1307,4 +1316,12 @@ fn a_stow_upload_may_outlast_the_request_timeout_while_data_keeps_coming() {
             .len(),
         1
     );
+}
+
+/// Width and height from a PNG's IHDR chunk.
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let width = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    let height = u32::from_be_bytes(png[20..24].try_into().unwrap());
+    (width, height)
 }

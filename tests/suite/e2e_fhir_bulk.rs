@@ -440,5 +440,21 @@ fn expired_exports_are_destroyed() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(fhir.send(fhir.client.get(&finished.status_url)).status, 404);
+    // The purge deletes the files, shreds the job's key, then forgets the job: in between, the
+    // status answers 410 Gone; once it is done, 404.
+    loop {
+        let status = fhir.send(fhir.client.get(&finished.status_url)).status;
+        if status == 404 {
+            break;
+        }
+        assert_eq!(
+            status, 410,
+            "an expired export answers Gone until it is forgotten"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the expired export is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
