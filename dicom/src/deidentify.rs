@@ -7,13 +7,12 @@
 //! images flagged with burned-in annotation are refused, never passed as de-identified.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::sync::OnceLock;
 
 use dicom_core::value::{DataSetSequence, Value};
 use dicom_core::{DataElement, Length, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::{FileDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_object::{FileDicomObject, InMemDicomObject};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -332,9 +331,9 @@ pub fn deidentify(
     profile: &Profile,
     key: &DeidentificationKey,
 ) -> Result<Deidentified, DeidentificationError> {
-    let mut file: FileDicomObject<InMemDicomObject> = OpenFileOptions::new()
-        .from_reader(Cursor::new(part10))
-        .map_err(|_| DeidentificationError::Unreadable)?;
+    // The structural guard first: a lying length must not become a huge allocation.
+    let mut file: FileDicomObject<InMemDicomObject> =
+        crate::instance::read_whole(part10).map_err(|_| DeidentificationError::Unreadable)?;
     let burned_in = deidentify_data_set(&mut file, profile, key)?;
     let sop_instance_uid =
         crate::instance::text_of(&file, tags::SOP_INSTANCE_UID).unwrap_or_default();

@@ -31,7 +31,9 @@ pub enum StructureError {
     Truncated,
     #[error("element ({group:04X},{element:04X}) declares a length beyond the end of the data")]
     LengthBeyondData { group: u16, element: u16 },
-    #[error("element ({group:04X},{element:04X}) has an undefined length but is not a sequence")]
+    #[error(
+        "element ({group:04X},{element:04X}) has an undefined length but is not a sequence (an undefined-length UN is not supported)"
+    )]
     UndefinedLength { group: u16, element: u16 },
     #[error("a sequence holds something other than an item")]
     NotAnItem,
@@ -94,19 +96,15 @@ impl Scanner<'_> {
             if header.tag == PIXEL_DATA {
                 return self.fragments();
             }
-            if !sequence_like && header.vr != Some(VR::UN) {
+            // An undefined-length UN is a sequence in implicit VR little endian (PS3.5 6.2.2),
+            // but dicom-rs reads it as a value of 4 GiB: it is refused, not allocated.
+            if !sequence_like || header.vr == Some(VR::UN) {
                 return Err(StructureError::UndefinedLength {
                     group: header.tag.group(),
                     element: header.tag.element(),
                 });
             }
-            // An undefined-length UN is a sequence encoded in implicit VR little endian.
-            let inner = if header.vr == Some(VR::UN) {
-                Encoding::ImplicitLittle
-            } else {
-                self.encoding
-            };
-            return self.nested(inner, |scanner| scanner.sequence(None));
+            return self.nested(self.encoding, |scanner| scanner.sequence(None));
         }
         let length = header.length as usize;
         let end = self
@@ -292,6 +290,18 @@ impl Scanner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_undefined_length_un_is_refused_not_allocated() {
+        let mut data = vec![0x09, 0x00, 0x10, 0x10];
+        data.extend_from_slice(b"UN\0\0");
+        data.extend_from_slice(&UNDEFINED.to_le_bytes());
+        data.extend_from_slice(&[0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        assert!(matches!(
+            check(&data, Encoding::ExplicitLittle),
+            Err(StructureError::UndefinedLength { .. })
+        ));
+    }
 
     fn explicit(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
         let mut bytes = Vec::new();

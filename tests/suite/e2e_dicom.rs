@@ -445,11 +445,13 @@ fn malformed_input_fails_with_reasons_and_stores_nothing() {
             read("rtplan.dcm"),
             // It has no Study or Series Instance UID.
             read("JPEGLSNearLossless_08.dcm"),
+            // An undefined-length UN, which dicom-rs would read as a 4 GiB value.
+            read("UN_sequence.dcm"),
         ],
     );
     assert_eq!(status, 409, "{answer}");
     let failures = answer["00081198"]["Value"].as_array().unwrap();
-    assert_eq!(failures.len(), 7);
+    assert_eq!(failures.len(), 8);
     for failure in failures {
         let reason = failure["00081197"]["Value"][0].as_u64().unwrap();
         assert!([0xC000, 0xA900, 0xC122].contains(&reason), "{failure}");
