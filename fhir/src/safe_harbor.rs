@@ -71,6 +71,9 @@ const INSTANT_ELEMENTS_OF_TYPE: &[(&str, &str)] = &[
     ("AppointmentResponse", "end"),
 ];
 
+/// The identifier system of DICOM UIDs (an ImagingStudy's StudyInstanceUID).
+const DICOM_UID_SYSTEM: &str = "urn:dicom:uid";
+
 /// Identifier-like strings that are not typed `Identifier`: replaced by pseudonyms.
 const IDENTIFYING_STRINGS: &[&str] = &["serialNumber", "lotNumber", "subscriberId"];
 
@@ -104,6 +107,9 @@ pub trait Pseudonyms {
     fn resource_id(&self, resource_type: &str, id: &str) -> String;
     /// The pseudonym of an identifier value within its system (or kind, for serial numbers).
     fn identifier(&self, system: &str, value: &str) -> String;
+    /// The replacement of a DICOM UID (`ImagingStudy.series.uid`, `…instance.uid`): a valid UID,
+    /// the same one the de-identified view of DICOM data names the series or instance by.
+    fn uid(&self, uid: &str) -> String;
 }
 
 /// The Safe Harbor transform under one set of pseudonyms, as of one calendar year.
@@ -284,6 +290,9 @@ impl<'a> SafeHarbor<'a> {
             "reference" => value
                 .as_str()
                 .map(|reference| Value::String(self.reference(reference))),
+            "uid" => value
+                .as_str()
+                .map(|uid| Value::String(self.pseudonyms.uid(uid))),
             "address" | "valueAddress" => self.clean_addresses(value, findings),
             "identifier" | "masterIdentifier" | "valueIdentifier" => {
                 Some(self.clean_identifiers(value, findings))
@@ -371,9 +380,15 @@ impl<'a> SafeHarbor<'a> {
         let mut cleaned = Map::new();
         for (key, value) in object {
             let replacement = match key.as_str() {
-                "value" => value
-                    .as_str()
-                    .map(|text| Value::String(self.pseudonyms.identifier(system, text))),
+                "value" => value.as_str().map(|text| {
+                    Value::String(match text.strip_prefix("urn:oid:") {
+                        // A DICOM UID (a study's): remapped as the DICOM view remaps it.
+                        Some(uid) if system == DICOM_UID_SYSTEM => {
+                            format!("urn:oid:{}", self.pseudonyms.uid(uid))
+                        }
+                        _ => self.pseudonyms.identifier(system, text),
+                    })
+                }),
                 "assigner" | "period" => Some(self.clean_value(key, value, findings)),
                 _ => self.clean_member(key, value, object, findings),
             };
@@ -651,6 +666,9 @@ mod tests {
         fn identifier(&self, system: &str, value: &str) -> String {
             format!("pid-{}-{}", system.len(), value.len())
         }
+        fn uid(&self, uid: &str) -> String {
+            format!("2.25.{}", uid.len())
+        }
     }
 
     fn transform(resource: Value) -> Value {
@@ -790,6 +808,19 @@ mod tests {
             json!({"resourceType": "Device", "serialNumber": "SN-998877", "lotNumber": "L1"}),
         );
         assert_eq!(device["serialNumber"], "pid-12-9");
+    }
+
+    #[test]
+    fn dicom_uids_in_imaging_studies_are_replaced() {
+        let study = json!({
+            "resourceType": "ImagingStudy",
+            "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.840.113619.2.55"}],
+            "series": [{"uid": "1.2.840.113619.2.55.3", "instance": [{"uid": "1.2.840.113619.2.55.3.1"}]}]
+        });
+        let shown = transform(study);
+        assert_eq!(shown["identifier"][0]["value"], "urn:oid:2.25.19");
+        assert_eq!(shown["series"][0]["uid"], "2.25.21");
+        assert_eq!(shown["series"][0]["instance"][0]["uid"], "2.25.23");
     }
 
     #[test]

@@ -207,7 +207,7 @@ impl Records {
             .vault
             .encrypt_for_patient(&patient_ref, header.to_string().as_bytes())
             .await?;
-        let egress_key = self.vault.deidentification_key().await?;
+        let egress_key = self.vault.deidentification_key().clone();
         let blind = self.vault.blind_index();
         let instance_key = dicom_key(blind, "instance", &instance.sop_instance_uid);
         let study_key = dicom_key(blind, "study", &instance.study_instance_uid);
@@ -281,7 +281,7 @@ impl Records {
         instance: &Instance,
         profile: &glastonbury_dicom::deidentify::Profile,
     ) -> Result<Instance, RecordError> {
-        let key = self.vault.deidentification_key().await?;
+        let key = self.vault.deidentification_key().clone();
         let deidentified =
             glastonbury_dicom::deidentify::deidentify(&instance.part10, profile, &key)
                 .map_err(|error| RecordError::Invalid(error.to_string()))?;
@@ -392,7 +392,7 @@ impl Records {
                 "DICOM data has no de-identification profile for this role ([egress] in deidentification.toml)".to_owned(),
             ));
         };
-        let key = self.vault.deidentification_key().await?;
+        let key = self.vault.deidentification_key().clone();
         Ok(DicomEgress::Deidentified(Arc::new(DeidentifiedEgress {
             profile,
             key,
@@ -883,7 +883,7 @@ impl Records {
     /// Fills the de-identified view's keys of instances stored before they existed (run at
     /// start; instances of shredded patients get empty keys: nothing can name them again).
     pub async fn fill_deidentified_keys(&self) -> Result<u64, RecordError> {
-        let key = self.vault.deidentification_key().await?;
+        let key = self.vault.deidentification_key().clone();
         let mut filled = 0;
         loop {
             let rows = sqlx::query(

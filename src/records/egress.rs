@@ -6,6 +6,7 @@
 //! so a pseudonym names exactly one record without any extra table, and a de-identified caller
 //! can read, search by `_id` and by reference, and ask `$everything` by pseudonym alone.
 
+use glastonbury_dicom::deidentify::DeidentificationKey;
 use glastonbury_fhir::query::{Criterion, Match, SearchRequest, Test};
 use glastonbury_fhir::safe_harbor::{Pseudonyms, SafeHarbor};
 use serde_json::Value;
@@ -24,16 +25,25 @@ const NO_SUCH_ID: &str = "!unknown-pseudonym";
 
 /// The appliance's pseudonyms: keyed by the blind-index key, stable across restarts.
 #[derive(Debug, Clone, Copy)]
-pub struct VaultPseudonyms<'a>(pub &'a BlindIndex);
+pub struct VaultPseudonyms<'a> {
+    pub blind_index: &'a BlindIndex,
+    /// The key the de-identified view of DICOM data remaps UIDs under (so an ImagingStudy's
+    /// series and instance UIDs are the ones DICOMweb answers to in that view).
+    pub uid_key: &'a DeidentificationKey,
+}
 
 impl Pseudonyms for VaultPseudonyms<'_> {
     fn resource_id(&self, resource_type: &str, id: &str) -> String {
-        id_pseudonym(self.0, resource_type, id)
+        id_pseudonym(self.blind_index, resource_type, id)
     }
 
     fn identifier(&self, system: &str, value: &str) -> String {
-        self.0
+        self.blind_index
             .pseudonym("safe-harbor-identifier", &format!("{system}|{value}"))
+    }
+
+    fn uid(&self, uid: &str) -> String {
+        self.uid_key.uid(uid)
     }
 }
 
@@ -56,7 +66,10 @@ impl Records {
         }
         let resource: Value =
             serde_json::from_slice(&record.body).map_err(|_| RecordError::Damaged)?;
-        let pseudonyms = VaultPseudonyms(self.vault.blind_index());
+        let pseudonyms = VaultPseudonyms {
+            blind_index: self.vault.blind_index(),
+            uid_key: self.vault.deidentification_key(),
+        };
         let deidentified = SafeHarbor::new(&pseudonyms, current_year()).deidentify(&resource);
         record.meta.key.resource_id =
             pseudonyms.resource_id(&record.meta.key.resource_type, &record.meta.key.resource_id);

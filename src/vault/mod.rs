@@ -152,7 +152,7 @@ pub struct Vault {
     master: RwLock<Arc<MasterKey>>,
     blind_index: BlindIndex,
     identities: Mutex<HashMap<String, Arc<age::x25519::Identity>>>,
-    deidentification: tokio::sync::OnceCell<glastonbury_dicom::deidentify::DeidentificationKey>,
+    deidentification: glastonbury_dicom::deidentify::DeidentificationKey,
 }
 
 impl std::fmt::Debug for Vault {
@@ -191,6 +191,8 @@ impl Vault {
         let blind_index_key =
             Self::load_or_create_secret(&database, &master, BLIND_INDEX_SECRET).await?;
         let blind_index = BlindIndex::new(BlindIndexKey(*blind_index_key));
+        let deidentification_seed =
+            Self::load_or_create_secret(&database, &master, DEIDENTIFICATION_SECRET).await?;
         let vault = Self {
             database,
             key_file,
@@ -198,7 +200,9 @@ impl Vault {
             master: RwLock::new(Arc::new(master)),
             blind_index,
             identities: Mutex::new(HashMap::new()),
-            deidentification: tokio::sync::OnceCell::new(),
+            deidentification: glastonbury_dicom::deidentify::DeidentificationKey::new(
+                *deidentification_seed,
+            ),
         };
         Ok((vault, opening))
     }
@@ -320,22 +324,8 @@ impl Vault {
 
     /// The key DICOM de-identification remaps UIDs and shifts dates under (created on first
     /// use), so the same original maps the same way in every de-identified instance.
-    pub async fn deidentification_key(
-        &self,
-    ) -> Result<glastonbury_dicom::deidentify::DeidentificationKey, VaultError> {
-        let key = self
-            .deidentification
-            .get_or_try_init(|| async {
-                let master = self.current_master();
-                let seed =
-                    Self::load_or_create_secret(&self.database, &master, DEIDENTIFICATION_SECRET)
-                        .await?;
-                Ok::<_, VaultError>(glastonbury_dicom::deidentify::DeidentificationKey::new(
-                    *seed,
-                ))
-            })
-            .await?;
-        Ok(key.clone())
+    pub fn deidentification_key(&self) -> &glastonbury_dicom::deidentify::DeidentificationKey {
+        &self.deidentification
     }
 
     pub fn protector(&self) -> &dyn MasterKeyProtector {

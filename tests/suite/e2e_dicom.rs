@@ -1247,6 +1247,36 @@ fn researchers_get_dicom_deidentified_with_remapped_uids_they_can_follow() {
         "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
     );
     assert_eq!(by_real_uid.status().as_u16(), 404);
+    // The study's FHIR ImagingStudy, in the same view, names it by the same remapped UIDs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let imaging_study = loop {
+        let bundle: Value = gateway
+            .client
+            .get(format!("{}/fhir/ImagingStudy", gateway.server.base_url))
+            .bearer_auth(&researcher)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        if let Some(resource) = bundle["entry"][0]["resource"].as_object() {
+            break Value::Object(resource.clone());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ImagingStudy: {bundle}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(imaging_study["series"][0]["uid"], shown_series.as_str());
+    assert_eq!(
+        imaging_study["series"][0]["instance"][0]["uid"],
+        shown_instance.as_str()
+    );
+    assert_eq!(
+        imaging_study["identifier"][0]["value"],
+        format!("urn:oid:{shown_study}").as_str()
+    );
+    assert!(!imaging_study.to_string().contains(&ct.series_instance_uid));
     // A clinician still sees the study as stored.
     let clinical = gateway.qido(&format!(
         "studies?StudyInstanceUID={}",
