@@ -67,18 +67,38 @@ impl Appliance {
             ),
             ("GLASTONBURY_LOG_FORMAT".to_owned(), "json".to_owned()),
         ];
+        let log_path = data.path().join("serve.log");
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = Command::new(binary())
             .arg("serve")
             .envs(environment.iter().cloned())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|error| panic!("{} must be built first: {error}", binary().display()));
-        Self {
+        let mut appliance = Self {
             child,
             base_url: format!("http://127.0.0.1:{port}"),
             environment,
             _data: data,
+        };
+        appliance.wait_listening(port, &log_path);
+        appliance
+    }
+
+    /// Waits until the server accepts connections (it initializes the data directory first, so
+    /// no other command may touch it before).
+    fn wait_listening(&mut self, port: u16, log_path: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            let exited = self.child.try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                panic!(
+                    "the server did not start: {}",
+                    std::fs::read_to_string(log_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
     }
 
