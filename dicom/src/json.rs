@@ -11,6 +11,12 @@ pub fn header_json(header: &InMemDicomObject) -> Result<Value, serde_json::Error
     dicom_json::to_value(header)
 }
 
+/// DICOM JSON of a header, serialized straight to bytes (no intermediate JSON tree), as the
+/// index stores it.
+pub fn header_json_bytes(header: &InMemDicomObject) -> Result<Vec<u8>, serde_json::Error> {
+    dicom_json::to_vec(header)
+}
+
 /// A header back from DICOM JSON (for de-identifying query results).
 pub fn header_from_json(json: &Value) -> Result<InMemDicomObject, serde_json::Error> {
     dicom_json::from_value(json.clone())
@@ -121,6 +127,8 @@ mod tests {
             DataElement::new(tags::MODALITY, VR::CS, PrimitiveValue::from("CT")),
         ]);
         let json = header_json(&header).unwrap();
+        let stored: Value = serde_json::from_slice(&header_json_bytes(&header).unwrap()).unwrap();
+        assert_eq!(stored, json);
         assert_eq!(json["00100010"]["vr"], "PN");
         assert_eq!(
             first_text(&json, tags::PATIENT_NAME).as_deref(),

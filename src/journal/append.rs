@@ -49,10 +49,12 @@ impl PendingLeaf {
 /// Takes the journal head row for this transaction (the first write of every batch, so batches
 /// serialize on it on both engines) and returns the appender state it holds.
 pub async fn lock_head(connection: &mut AnyConnection) -> Result<CompactRange, JournalError> {
-    sqlx::query("UPDATE journal_head SET batches = batches + 1 WHERE id = 1")
-        .execute(&mut *connection)
-        .await?;
-    store::read_head(connection).await
+    let row = sqlx::query(
+        "UPDATE journal_head SET batches = batches + 1 WHERE id = 1 RETURNING tree_size, frontier",
+    )
+    .fetch_one(&mut *connection)
+    .await?;
+    store::head_of_row(connection, &row).await
 }
 
 /// Appends `leaves` after `range` inside the caller's transaction: leaf rows, completed nodes,

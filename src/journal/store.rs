@@ -17,6 +17,15 @@ pub async fn read_head(connection: &mut AnyConnection) -> Result<CompactRange, J
     let row = sqlx::query("SELECT tree_size, frontier FROM journal_head WHERE id = 1")
         .fetch_one(&mut *connection)
         .await?;
+    head_of_row(connection, &row).await
+}
+
+/// The appender state a `(tree_size, frontier)` row of `journal_head` describes; a frontier that
+/// does not fit the size is restored from the stored nodes.
+pub async fn head_of_row(
+    connection: &mut AnyConnection,
+    row: &sqlx::any::AnyRow,
+) -> Result<CompactRange, JournalError> {
     let size = u64::try_from(row.try_get::<i64, _>(0)?)
         .map_err(|_| JournalError::Damaged("negative tree size".to_owned()))?;
     let frontier: Vec<u8> = row.try_get(1)?;

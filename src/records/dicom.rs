@@ -21,11 +21,11 @@ use serde_json::{Map, Value};
 use sqlx::Row;
 
 use super::search_index::{
-    DICOM_INSTANCE, IndexRows, dicom_exact_token, dicom_prefix_token, dicom_token_rows,
-    patient_identifier_token,
+    DICOM_INSTANCE, DICOM_STUDY, IndexRows, TokenRow, dicom_exact_token, dicom_prefix_token,
+    dicom_token_rows, patient_identifier_token,
 };
 use super::writer::{DeidentifiedKeys, DicomInstanceRow, Precondition};
-use super::{PreparedWrite, RecordError, RecordKey, RecordVersion, Records};
+use super::{PreparedWrite, RecordError, RecordKey, RecordVersion, Records, version_row};
 use crate::access::{self, Allowed, Principal};
 use crate::journal::{AuditDraft, codes};
 use crate::storage::statement::Statement;
@@ -200,39 +200,27 @@ impl Records {
         };
         let attributes = indexed_attributes(&instance.header);
         let patient_ref = self.dicom_patient_ref(&attributes).await?;
-        let header = json::header_json(&instance.header).map_err(|_| {
+        let header = json::header_json_bytes(&instance.header).map_err(|_| {
             RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned())
         })?;
-        let header_ciphertext = self
-            .vault
-            .encrypt_for_patient(&patient_ref, header.to_string().as_bytes())
-            .await?;
+        let recipient = self.vault.patient_recipient(&patient_ref).await?;
+        let header_ciphertext = recipient.encrypt(&header)?;
         let egress_key = self.vault.deidentification_key().clone();
         let blind = self.vault.blind_index();
         let instance_key = dicom_key(blind, "instance", &instance.sop_instance_uid);
         let study_key = dicom_key(blind, "study", &instance.study_instance_uid);
-        let mut index = IndexRows::default();
-        for (tag, value) in &attributes.tokens {
-            let Some((_, kind)) = TOKEN_ATTRIBUTES.iter().find(|(known, _)| known == tag) else {
-                continue;
-            };
-            index
-                .tokens
-                .extend(dicom_token_rows(blind, &keyword(*tag), *kind, value));
-        }
-        index.tokens.sort();
-        index.tokens.dedup();
         let key = RecordKey::new(DICOM_INSTANCE, &instance_key);
-        let mut row = self
-            .encrypted_row(
-                &key,
-                &patient_ref,
-                DICOM_MEDIA_TYPE.to_owned(),
-                &instance.part10,
-                Precondition::None,
-                index,
-            )
+        let payload = self
+            .encrypted_payload(&recipient, &patient_ref, &instance.part10)
             .await?;
+        let mut row = version_row(
+            &key,
+            &patient_ref,
+            DICOM_MEDIA_TYPE.to_owned(),
+            payload,
+            Precondition::None,
+            IndexRows::default(),
+        );
         row.dicom = Some(DicomInstanceRow {
             instance_key,
             series_key: dicom_key(blind, "series", &instance.series_instance_uid),
@@ -244,6 +232,7 @@ impl Records {
             series_number: attributes.series_number,
             instance_number: attributes.instance_number,
             header: header_ciphertext,
+            study_tokens: study_token_rows(blind, &attributes),
             deidentified_keys: deidentified_keys(
                 blind,
                 &egress_key,
@@ -549,8 +538,8 @@ impl Records {
         };
         for token in tokens {
             conditions
-                .push(" AND d.instance_key IN (SELECT resource_id FROM search_tokens WHERE resource_type = ")
-                .bind_text(DICOM_INSTANCE)
+                .push(" AND d.study_key IN (SELECT resource_id FROM search_tokens WHERE resource_type = ")
+                .bind_text(DICOM_STUDY)
                 .push(" AND param = ")
                 .bind_text(&keyword)
                 .push(" AND token = ")
@@ -958,6 +947,24 @@ struct Group {
     study_key: String,
     patient_ref: String,
     header: Vec<u8>,
+}
+
+/// The tokens of an instance's identifying attributes (all patient or study level), which the
+/// index keeps once per study.
+fn study_token_rows(
+    blind: &crate::vault::BlindIndex,
+    attributes: &IndexedAttributes,
+) -> Vec<TokenRow> {
+    let mut rows = Vec::new();
+    for (tag, value) in &attributes.tokens {
+        let Some((_, kind)) = TOKEN_ATTRIBUTES.iter().find(|(known, _)| known == tag) else {
+            continue;
+        };
+        rows.extend(dicom_token_rows(blind, &keyword(*tag), *kind, value));
+    }
+    rows.sort();
+    rows.dedup();
+    rows
 }
 
 fn keyword(tag: Tag) -> String {

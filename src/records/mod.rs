@@ -28,6 +28,36 @@ pub use writer::{Precondition, UnitReceipt, WriteUnit, Writer};
 /// Encrypted bodies up to this size live in the database row; larger ones in the blob store.
 pub const DEFAULT_INLINE_LIMIT: usize = 64 * 1024;
 
+/// An encrypted body where it was placed: in the row, or under a blob key.
+#[derive(Debug)]
+struct PlacedPayload {
+    inline_body: Option<Vec<u8>>,
+    blob_key: Option<String>,
+}
+
+/// The row of a new (not deleted) version whose body is already encrypted and placed.
+fn version_row(
+    key: &RecordKey,
+    patient_ref: &str,
+    content_type: String,
+    payload: PlacedPayload,
+    precondition: Precondition,
+    index: search_index::IndexRows,
+) -> RowWrite {
+    RowWrite {
+        resource_type: key.resource_type.clone(),
+        resource_id: key.resource_id.clone(),
+        patient_ref: patient_ref.to_owned(),
+        content_type,
+        deleted: false,
+        inline_body: payload.inline_body,
+        blob_key: payload.blob_key,
+        precondition,
+        index,
+        dicom: None,
+    }
+}
+
 /// Errors of the record path. None carries PHI.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -509,19 +539,32 @@ impl Records {
         precondition: Precondition,
         index: search_index::IndexRows,
     ) -> Result<RowWrite, RecordError> {
-        let ciphertext = self.vault.encrypt_for_patient(patient_ref, body).await?;
-        let (inline_body, blob_key) = self.place_ciphertext(patient_ref, ciphertext).await?;
-        Ok(RowWrite {
-            resource_type: key.resource_type.clone(),
-            resource_id: key.resource_id.clone(),
-            patient_ref: patient_ref.to_owned(),
+        let recipient = self.vault.patient_recipient(patient_ref).await?;
+        let payload = self
+            .encrypted_payload(&recipient, patient_ref, body)
+            .await?;
+        Ok(version_row(
+            key,
+            patient_ref,
             content_type,
-            deleted: false,
-            inline_body,
-            blob_key,
+            payload,
             precondition,
             index,
-            dicom: None,
+        ))
+    }
+
+    /// A body encrypted to the patient and placed: inline, or in the blob store when large.
+    async fn encrypted_payload(
+        &self,
+        recipient: &crate::vault::PatientRecipient,
+        patient_ref: &str,
+        body: &[u8],
+    ) -> Result<PlacedPayload, RecordError> {
+        let ciphertext = recipient.encrypt(body)?;
+        let (inline_body, blob_key) = self.place_ciphertext(patient_ref, ciphertext).await?;
+        Ok(PlacedPayload {
+            inline_body,
+            blob_key,
         })
     }
 

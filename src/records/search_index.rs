@@ -57,6 +57,11 @@ pub fn patient_identifier_token(blind: &BlindIndex, value: &str) -> String {
 /// The record type of DICOM instances, and the owner of their index rows.
 pub const DICOM_INSTANCE: &str = "DicomInstance";
 
+/// The owner type of a DICOM study's identifying-attribute tokens (owner id: the study key).
+/// Patient and study attributes are the same on every instance of a study, so the index keeps
+/// them once per study rather than once per instance.
+pub const DICOM_STUDY: &str = "DicomStudy";
+
 /// The index rows of one identifying DICOM attribute value: exact values as one token, person
 /// names as word-prefix tokens (so `SMI*` finds `Smith^John`).
 pub fn dicom_token_rows(

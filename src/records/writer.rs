@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use sqlx::{AnyConnection, Row};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyConnection, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::RecordError;
-use super::search_index::IndexRows;
+use super::search_index::{DICOM_STUDY, IndexRows, TokenRow};
 use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
 use crate::storage::Database;
 use crate::storage::statement::{BindValue, Statement};
@@ -61,6 +62,9 @@ pub struct DicomInstanceRow {
     pub instance_number: Option<i64>,
     /// The header as DICOM JSON, encrypted to the patient's key.
     pub header: Vec<u8>,
+    /// The tokens of the identifying (patient and study level) attributes, owned by the study:
+    /// any the study does not have yet are added.
+    pub study_tokens: Vec<TokenRow>,
     /// Keyed hashes of the remapped UIDs the de-identified view names this instance by.
     pub deidentified_keys: DeidentifiedKeys,
 }
@@ -135,7 +139,23 @@ async fn run(
     identity: Arc<JournalIdentity>,
     mut receiver: mpsc::Receiver<Job>,
 ) {
-    while let Some(first) = receiver.recv().await {
+    // The writer keeps one connection for itself: on SQLite its page cache then stays valid
+    // from one batch to the next (another connection's commit would discard it), and no batch
+    // waits for the pool. A connection that failed a batch is replaced.
+    // It gives the connection back when the pool closes (which waits for every connection).
+    let mut connection: Option<PoolConnection<Any>> = None;
+    let mut pool_closed = std::pin::pin!(database.pool().close_event());
+    loop {
+        let first = tokio::select! {
+            job = receiver.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+            () = &mut pool_closed, if connection.is_some() => {
+                connection = None;
+                continue;
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match receiver.try_recv() {
@@ -143,18 +163,47 @@ async fn run(
                 Err(_) => break,
             }
         }
-        commit_batch(&database, &identity, batch).await;
+        let held = match connection.take() {
+            Some(held) => Ok(held),
+            None => database.pool().acquire().await,
+        };
+        connection = match held {
+            Ok(mut held) => commit_batch(&mut held, &identity, batch)
+                .await
+                .then_some(held),
+            Err(error) => {
+                fail_batch(batch, &error);
+                None
+            }
+        };
     }
 }
 
-async fn commit_batch(database: &Database, identity: &JournalIdentity, batch: Vec<Job>) {
+/// Answers every job of a batch that could not run with the storage error.
+fn fail_batch(batch: Vec<Job>, error: &sqlx::Error) {
+    tracing::error!(error = %error, units = batch.len(), "audit and record batch failed to commit");
+    for job in batch {
+        let _ = job.reply.send(Err(RecordError::Storage(
+            crate::storage::StorageError::Database(error.to_string()),
+        )));
+    }
+}
+
+/// Runs one batch and answers its jobs; `false` when the batch failed as a whole (the
+/// connection is then not trusted with the next one).
+async fn commit_batch(
+    connection: &mut AnyConnection,
+    identity: &JournalIdentity,
+    batch: Vec<Job>,
+) -> bool {
     let (units, replies): (Vec<WriteUnit>, Vec<_>) =
         batch.into_iter().map(|job| (job.unit, job.reply)).unzip();
-    match run_batch_transaction(database, identity, &units).await {
+    match run_batch_transaction(connection, identity, &units).await {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
             }
+            true
         }
         Err(error) => {
             tracing::error!(error = %error, units = units.len(), "audit and record batch failed to commit");
@@ -163,16 +212,17 @@ async fn commit_batch(database: &Database, identity: &JournalIdentity, batch: Ve
                     crate::storage::StorageError::Database(error.to_string()),
                 )));
             }
+            false
         }
     }
 }
 
 async fn run_batch_transaction(
-    database: &Database,
+    connection: &mut AnyConnection,
     identity: &JournalIdentity,
     units: &[WriteUnit],
 ) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
-    let mut transaction = database.pool().begin().await?;
+    let mut transaction = connection.begin().await?;
     // Taking the journal head row first makes this the writer (SQLite) or serializes the batch
     // against other replicas' batches (PostgreSQL) before anything is read.
     let mut tree = journal::lock_head(&mut transaction)
@@ -180,14 +230,20 @@ async fn run_batch_transaction(
         .map_err(journal_to_sqlx)?;
     let mut outcomes = Vec::with_capacity(units.len());
     let mut leaves: Vec<PendingLeaf> = Vec::new();
+    let alone = units.len() == 1;
     for unit in units {
-        if unit.rows.is_empty() {
-            // Audit-only units write nothing that could fail halfway: no savepoint needed.
+        if unit.rows.is_empty() || alone {
+            // Audit-only units write nothing that could fail halfway, and a unit alone in its
+            // batch is undone with the transaction: neither needs a savepoint.
             match apply_unit(&mut transaction, identity, unit).await {
                 Ok((mut receipt, unit_leaves)) => {
                     receipt.first_leaf_index = tree.size() + leaves.len() as u64;
                     leaves.extend(unit_leaves);
                     outcomes.push(Ok(receipt));
+                }
+                Err(error) if alone => {
+                    transaction.rollback().await?;
+                    return Ok(vec![Err(error)]);
                 }
                 Err(error) => outcomes.push(Err(error)),
             }
@@ -355,7 +411,46 @@ async fn write_dicom_row(
     .bind(&dicom.deidentified_keys.instance_key)
     .execute(&mut *connection)
     .await?;
-    Ok(())
+    add_study_tokens(connection, dicom).await
+}
+
+/// Adds the tokens the study does not have yet. Most instances of a study carry the same patient
+/// and study attributes, so this usually reads a few index rows and writes none.
+async fn add_study_tokens(
+    connection: &mut AnyConnection,
+    dicom: &DicomInstanceRow,
+) -> Result<(), RecordError> {
+    if dicom.study_tokens.is_empty() {
+        return Ok(());
+    }
+    let present: std::collections::HashSet<(String, String)> = sqlx::query_as(
+        "SELECT param, token FROM search_tokens WHERE resource_type = $1 AND resource_id = $2",
+    )
+    .bind(DICOM_STUDY)
+    .bind(&dicom.study_key)
+    .fetch_all(&mut *connection)
+    .await?
+    .into_iter()
+    .collect();
+    let missing: Vec<Vec<BindValue>> = dicom
+        .study_tokens
+        .iter()
+        .filter(|row| !present.contains(&(row.param.clone(), row.token.clone())))
+        .map(|row| {
+            vec![
+                BindValue::Text(DICOM_STUDY.to_owned()),
+                BindValue::Text(dicom.study_key.clone()),
+                BindValue::Text(row.param.clone()),
+                BindValue::Text(row.token.clone()),
+            ]
+        })
+        .collect();
+    insert_many(
+        connection,
+        "search_tokens (resource_type, resource_id, param, token)",
+        &missing,
+    )
+    .await
 }
 
 /// Rows per multi-row INSERT of index entries. A fixed set of sizes keeps the number of distinct

@@ -24,6 +24,17 @@ use crate::storage::{Database, Engine, StorageError, now_micros};
 /// The patient reference used for records that belong to no patient.
 pub const NO_PATIENT: &str = "no-patient";
 
+/// A patient's age recipient: encrypts payloads only that patient's key opens.
+#[derive(Debug, Clone)]
+pub struct PatientRecipient(age::x25519::Recipient);
+
+impl PatientRecipient {
+    /// Encrypts a payload to the patient (a fresh age file each time).
+    pub fn encrypt(&self, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        age::encrypt(&self.0, plaintext).map_err(|error| VaultError::Crypto(error.to_string()))
+    }
+}
+
 /// Errors of the vault. Messages never contain key material or PHI.
 #[derive(Debug, thiserror::Error)]
 pub enum VaultError {
@@ -357,9 +368,18 @@ impl Vault {
         patient_ref: &str,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, VaultError> {
+        let recipient = self.patient_recipient(patient_ref).await?;
+        recipient.encrypt(plaintext)
+    }
+
+    /// The patient's age recipient (creating the patient key if needed), for a writer that
+    /// encrypts several payloads of one record: one key lookup and shred check for all of them.
+    pub async fn patient_recipient(
+        &self,
+        patient_ref: &str,
+    ) -> Result<PatientRecipient, VaultError> {
         let identity = self.patient_identity(patient_ref, true).await?;
-        age::encrypt(&identity.to_public(), plaintext)
-            .map_err(|error| VaultError::Crypto(error.to_string()))
+        Ok(PatientRecipient(identity.to_public()))
     }
 
     /// Decrypts a payload with the patient's identity.

@@ -381,6 +381,28 @@ fn qido_matches_names_dates_uid_lists_and_pages() {
     );
     let nobody = gateway.qido("studies?PatientName=ZZZZNOBODY*");
     assert!(nobody.is_empty());
+    let patient_id_of = |instance: &glastonbury_dicom::Instance| {
+        glastonbury_dicom::instance::text_of(
+            &instance.header,
+            dicom_dictionary_std::tags::PATIENT_ID,
+        )
+    };
+    let ct_patient = patient_id_of(&ct).unwrap();
+    let holders: BTreeSet<String> = DISTINCT
+        .iter()
+        .map(|name| identity(name))
+        .filter(|instance| patient_id_of(instance).as_deref() == Some(ct_patient.as_str()))
+        .map(|instance| instance.sop_instance_uid)
+        .collect();
+    let by_patient: BTreeSet<String> = gateway
+        .qido(&format!("instances?PatientID={ct_patient}"))
+        .iter()
+        .filter_map(|instance| text(instance, "00080018"))
+        .collect();
+    assert_eq!(
+        by_patient, holders,
+        "instance-level matching on a patient attribute"
+    );
     let study_date =
         glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::STUDY_DATE)
             .unwrap();
