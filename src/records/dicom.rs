@@ -502,25 +502,25 @@ impl Records {
         }
     }
 
-    /// Identifying attributes narrow through their tokens; only exact values of exact-kind
-    /// attributes are decided by the tokens alone.
+    /// Identifying attributes narrow to candidate studies through their tokens; the decrypted
+    /// headers always decide (returns `false`). A study's tokens are the union of every value its
+    /// instances ever carried: an instance re-sent with a corrected PatientID leaves the old
+    /// value's token behind, and a study may hold instances of two patients when one was
+    /// misfiled, so the tokens alone would match the wrong patient's images.
     fn token_condition(&self, conditions: &mut Statement, tag: Tag, matcher: &Matcher) -> bool {
         let Some((_, kind)) = TOKEN_ATTRIBUTES.iter().find(|(known, _)| *known == tag) else {
             return false;
         };
         let blind = self.vault.blind_index();
         let keyword = keyword(tag);
-        let (tokens, exact) = match (kind, matcher) {
+        let tokens = match (kind, matcher) {
             (TokenKind::Exact, Matcher::Exact(value)) => {
-                (vec![dicom_exact_token(blind, &keyword, value)], true)
+                vec![dicom_exact_token(blind, &keyword, value)]
             }
-            (TokenKind::Name, Matcher::Exact(value)) => (
-                name_words(value)
-                    .iter()
-                    .map(|word| dicom_prefix_token(blind, &keyword, word))
-                    .collect(),
-                false,
-            ),
+            (TokenKind::Name, Matcher::Exact(value)) => name_words(value)
+                .iter()
+                .map(|word| dicom_prefix_token(blind, &keyword, word))
+                .collect(),
             (TokenKind::Name, Matcher::Wildcard(pattern)) => {
                 let literal: String = pattern
                     .chars()
@@ -529,7 +529,7 @@ impl Records {
                 let first_word = name_words(&literal).into_iter().next();
                 match first_word {
                     Some(word) if !literal.ends_with(['^', ' ']) || !word.is_empty() => {
-                        (vec![dicom_prefix_token(blind, &keyword, &word)], false)
+                        vec![dicom_prefix_token(blind, &keyword, &word)]
                     }
                     _ => return false,
                 }
@@ -546,7 +546,7 @@ impl Records {
                 .bind_text(&token)
                 .push(")");
         }
-        exact
+        false
     }
 
     /// The result groups (one row per study, series or instance) in a stable order: a page of

@@ -3,6 +3,7 @@
 //! audit leaves in that same transaction, commits once, and only then answers each caller.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, AnyConnection, Connection, Row};
@@ -16,6 +17,10 @@ use crate::storage::statement::{BindValue, Statement};
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
+
+/// How long the writer's own connection may sit idle before it is pinged before use (the pool
+/// pings the connections it hands out; this one is never handed back).
+const TRUST_HELD_CONNECTION: Duration = Duration::from_secs(5);
 
 /// What a write requires of the record's current version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +150,7 @@ async fn run(
     // It gives the connection back when the pool closes (which waits for every connection).
     let mut connection: Option<PoolConnection<Any>> = None;
     let mut pool_closed = std::pin::pin!(database.pool().close_event());
+    let mut last_batch = Instant::now();
     loop {
         let first = tokio::select! {
             job = receiver.recv() => match job {
@@ -164,9 +170,11 @@ async fn run(
             }
         }
         let held = match connection.take() {
-            Some(held) => Ok(held),
+            Some(held) if last_batch.elapsed() < TRUST_HELD_CONNECTION => Ok(held),
+            Some(held) => checked_or_fresh(database.pool(), held).await,
             None => database.pool().acquire().await,
         };
+        last_batch = Instant::now();
         connection = match held {
             Ok(mut held) => commit_batch(&mut held, &identity, batch)
                 .await
@@ -177,6 +185,20 @@ async fn run(
             }
         };
     }
+}
+
+/// The held connection, after a ping, or a fresh one from the pool when the ping fails (a
+/// PostgreSQL server restarted while the writer was idle).
+async fn checked_or_fresh(
+    pool: &sqlx::AnyPool,
+    mut held: PoolConnection<Any>,
+) -> Result<PoolConnection<Any>, sqlx::Error> {
+    if held.ping().await.is_ok() {
+        return Ok(held);
+    }
+    held.close_on_drop();
+    drop(held);
+    pool.acquire().await
 }
 
 /// Answers every job of a batch that could not run with the storage error.

@@ -403,6 +403,40 @@ fn qido_matches_names_dates_uid_lists_and_pages() {
         by_patient, holders,
         "instance-level matching on a patient attribute"
     );
+    // Reconciliation: the instance re-sent with a corrected PatientID is found by the new value
+    // only, though its study's index still holds the old value's token.
+    let mut corrected = glastonbury_dicom::instance::read_whole(&read("CT_small.dcm")).unwrap();
+    corrected.put(dicom_core::DataElement::new(
+        dicom_dictionary_std::tags::PATIENT_ID,
+        dicom_core::VR::LO,
+        dicom_core::PrimitiveValue::from("RECONCILED-7"),
+    ));
+    let mut corrected_bytes = Vec::new();
+    corrected.write_all(&mut corrected_bytes).unwrap();
+    assert_eq!(
+        gateway
+            .stow(&gateway.writer_token, "studies", &[corrected_bytes])
+            .0,
+        200
+    );
+    let sop_instances = |path: &str| -> BTreeSet<String> {
+        gateway
+            .qido(path)
+            .iter()
+            .filter_map(|instance| text(instance, "00080018"))
+            .collect()
+    };
+    assert!(
+        !sop_instances(&format!("instances?PatientID={ct_patient}")).contains(&ct.sop_instance_uid)
+    );
+    assert!(sop_instances("instances?PatientID=RECONCILED-7").contains(&ct.sop_instance_uid));
+    assert!(
+        !sop_instances(&format!(
+            "studies/{}/instances?PatientID={ct_patient}",
+            ct.study_instance_uid
+        ))
+        .contains(&ct.sop_instance_uid)
+    );
     let study_date =
         glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::STUDY_DATE)
             .unwrap();
