@@ -103,9 +103,12 @@ pub struct UnitReceipt {
     pub first_leaf_index: u64,
 }
 
+/// Where a unit's outcome goes.
+type Reply = oneshot::Sender<Result<UnitReceipt, RecordError>>;
+
 struct Job {
     unit: WriteUnit,
-    reply: oneshot::Sender<Result<UnitReceipt, RecordError>>,
+    reply: Reply,
 }
 
 /// The handle every writer of the process shares.
@@ -180,7 +183,7 @@ async fn run(
                 .await
                 .then_some(held),
             Err(error) => {
-                fail_batch(batch, &error);
+                fail_replies(batch.into_iter().map(|job| job.reply).collect(), &error);
                 None
             }
         };
@@ -201,11 +204,11 @@ async fn checked_or_fresh(
     pool.acquire().await
 }
 
-/// Answers every job of a batch that could not run with the storage error.
-fn fail_batch(batch: Vec<Job>, error: &sqlx::Error) {
-    tracing::error!(error = %error, units = batch.len(), "audit and record batch failed to commit");
-    for job in batch {
-        let _ = job.reply.send(Err(RecordError::Storage(
+/// Answers every job of a batch that failed as a whole with the storage error.
+fn fail_replies(replies: Vec<Reply>, error: &sqlx::Error) {
+    tracing::error!(error = %error, units = replies.len(), "audit and record batch failed to commit");
+    for reply in replies {
+        let _ = reply.send(Err(RecordError::Storage(
             crate::storage::StorageError::Database(error.to_string()),
         )));
     }
@@ -228,12 +231,7 @@ async fn commit_batch(
             true
         }
         Err(error) => {
-            tracing::error!(error = %error, units = units.len(), "audit and record batch failed to commit");
-            for reply in replies {
-                let _ = reply.send(Err(RecordError::Storage(
-                    crate::storage::StorageError::Database(error.to_string()),
-                )));
-            }
+            fail_replies(replies, &error);
             false
         }
     }
@@ -445,8 +443,10 @@ async fn add_study_tokens(
     if dicom.study_tokens.is_empty() {
         return Ok(());
     }
-    let present: std::collections::HashSet<(String, String)> = sqlx::query_as(
-        "SELECT param, token FROM search_tokens WHERE resource_type = $1 AND resource_id = $2",
+    // Tokens are keyed per attribute (the keyword is part of the HMAC domain), so the token
+    // alone identifies a row.
+    let present: std::collections::HashSet<String> = sqlx::query_scalar(
+        "SELECT token FROM search_tokens WHERE resource_type = $1 AND resource_id = $2",
     )
     .bind(DICOM_STUDY)
     .bind(&dicom.study_key)
@@ -457,7 +457,7 @@ async fn add_study_tokens(
     let missing: Vec<Vec<BindValue>> = dicom
         .study_tokens
         .iter()
-        .filter(|row| !present.contains(&(row.param.clone(), row.token.clone())))
+        .filter(|row| !present.contains(&row.token))
         .map(|row| {
             vec![
                 BindValue::Text(DICOM_STUDY.to_owned()),
