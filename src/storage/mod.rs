@@ -140,7 +140,16 @@ impl Database {
         Ok(())
     }
 
+    /// Closes every connection. SQLite's WAL is checkpointed into the database file first:
+    /// SQLite checkpoints when its last connection closes, but two connections closing at once
+    /// can each see the other still open and both skip it, leaving the WAL for whichever
+    /// process opens the file next (even a command that then fails on a wrong master key).
     pub async fn close(&self) {
+        if self.engine == Engine::Sqlite
+            && let Err(error) = self.pool.execute("PRAGMA wal_checkpoint(TRUNCATE)").await
+        {
+            tracing::warn!(error = %describe_sqlx_error(&error), "sqlite wal not checkpointed at close");
+        }
         self.pool.close().await;
     }
 }

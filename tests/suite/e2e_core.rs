@@ -705,7 +705,20 @@ fn initialized_with_patient(
     let patient = json!({"resourceType": "Patient", "name": [{"family": "Survivor"}]});
     let id = fhir.create(&patient);
     assert!(stop_gracefully(&mut server).success());
+    assert_wal_checkpointed(workspace);
     (id, patient)
+}
+
+/// A graceful stop leaves every commit in the database file itself (a copy of that one file is
+/// then a complete backup, and the next process to open it has nothing to replay).
+fn assert_wal_checkpointed(workspace: &Workspace) {
+    let mut wal = workspace.database_file().into_os_string();
+    wal.push("-wal");
+    let wal_bytes = std::fs::metadata(&wal).map_or(0, |metadata| metadata.len());
+    assert_eq!(
+        wal_bytes, 0,
+        "the write-ahead log still holds commits after a graceful stop"
+    );
 }
 
 fn assert_patient_still_readable(
