@@ -209,6 +209,7 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     tokio::spawn(reload_on_hangup(appliance.clone()));
     tokio::spawn(reload_token_keys_periodically(appliance.clone()));
     tokio::spawn(purge_expired_exports_periodically(appliance.clone()));
+    tokio::spawn(appliance.database.clone().checkpoint_wal_periodically());
     tokio::spawn(Arc::clone(&appliance.records).derive_imaging_studies());
     let records = Arc::clone(&appliance.records);
     tokio::spawn(async move {
@@ -239,6 +240,8 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
     };
     tracing::info!(address = %address, scheme, "http listening");
     let signer = Arc::clone(&appliance.checkpoints).spawn_periodic(CHECKPOINT_INTERVAL);
+    // Every HTTP socket has TCP_NODELAY: a short response, or the last piece of a streamed one,
+    // then leaves at once instead of waiting for the client's delayed acknowledgement.
     let result = match &appliance.settings.tls {
         Some(tls) => {
             // Several TLS backends are linked in through dependencies; pick ring explicitly.
@@ -249,13 +252,17 @@ pub async fn serve(appliance: Appliance) -> Result<(), ServeError> {
             )
             .await
             .map_err(ServeError::Tls)?;
-            axum_server::from_tcp_rustls(listener, config)
+            let acceptor = axum_server::tls_rustls::RustlsAcceptor::new(config)
+                .acceptor(axum_server::accept::NoDelayAcceptor);
+            axum_server::from_tcp(listener)
+                .acceptor(acceptor)
                 .handle(handle)
                 .serve(app)
                 .await
         }
         None => {
             axum_server::from_tcp(listener)
+                .acceptor(axum_server::accept::NoDelayAcceptor)
                 .handle(handle)
                 .serve(app)
                 .await

@@ -72,7 +72,18 @@ impl Engine {
 pub struct Database {
     pool: AnyPool,
     engine: Engine,
+    /// Held while SQLite's WAL is checkpointed: SQLite refuses a second checkpointer outright
+    /// (no busy wait), so the periodic, the reclaiming and the closing checkpoint take turns.
+    wal_checkpoint: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
+
+/// How often a serving process moves SQLite's WAL into the database file (see
+/// [`Database::checkpoint_wal_periodically`]).
+const WAL_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The WAL size, in pages, at which a committing connection checkpoints by itself: the fallback
+/// for processes without the periodic checkpointer (commands) or when it falls behind.
+const WAL_AUTOCHECKPOINT_PAGES: u32 = 8192;
 
 /// Microseconds since the Unix epoch, the timestamp unit of every table.
 pub fn now_micros() -> i64 {
@@ -96,7 +107,11 @@ impl Database {
             Engine::Sqlite => connect_sqlite(text).await?,
             Engine::Postgres => connect_postgres(text).await?,
         };
-        Ok(Self { pool, engine })
+        Ok(Self {
+            pool,
+            engine,
+            wal_checkpoint: std::sync::Arc::default(),
+        })
     }
 
     /// Applies the embedded migrations. On PostgreSQL sqlx holds an advisory lock while it
@@ -131,6 +146,7 @@ impl Database {
     pub async fn reclaim_deleted_space(&self) -> Result<(), StorageError> {
         match self.engine {
             Engine::Sqlite => {
+                let _turn = self.wal_checkpoint.lock().await;
                 self.pool.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
             }
             Engine::Postgres => {
@@ -145,12 +161,37 @@ impl Database {
     /// can each see the other still open and both skip it, leaving the WAL for whichever
     /// process opens the file next (even a command that then fails on a wrong master key).
     pub async fn close(&self) {
+        let _turn = self.wal_checkpoint.lock().await;
         if self.engine == Engine::Sqlite
             && let Err(error) = self.pool.execute("PRAGMA wal_checkpoint(TRUNCATE)").await
         {
             tracing::warn!(error = %describe_sqlx_error(&error), "sqlite wal not checkpointed at close");
         }
         self.pool.close().await;
+    }
+
+    /// Moves SQLite's WAL into the database file every [`WAL_CHECKPOINT_INTERVAL`], on a pool
+    /// connection (its own thread), until the pool closes; nothing on PostgreSQL.
+    ///
+    /// Without it the commit that fills the WAL checkpoints it: that commit's caller waits for
+    /// a thousand page copies and an fsync of the database file. Passive checkpoints here take
+    /// that work off the writer's path and onto the other core.
+    pub async fn checkpoint_wal_periodically(self) {
+        if self.engine != Engine::Sqlite {
+            return;
+        }
+        let mut ticker = tokio::time::interval(WAL_CHECKPOINT_INTERVAL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let _turn = self.wal_checkpoint.lock().await;
+            if self.pool.is_closed() {
+                return;
+            }
+            if let Err(error) = self.pool.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
+                tracing::warn!(error = %describe_sqlx_error(&error), "sqlite wal checkpoint failed");
+            }
+        }
     }
 }
 
@@ -200,6 +241,11 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool, StorageError> {
                         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 30000; \
                          PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
                          PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
+                    )
+                    .await?;
+                connection
+                    .execute(
+                        format!("PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}").as_str(),
                     )
                     .await?;
                 Ok(())
