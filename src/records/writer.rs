@@ -179,9 +179,13 @@ async fn run(
         };
         last_batch = Instant::now();
         connection = match held {
-            Ok(mut held) => commit_batch(&mut held, &identity, batch)
-                .await
-                .then_some(held),
+            Ok(mut held) => {
+                let committed = commit_batch(&mut held, &identity, batch).await;
+                if committed {
+                    database.note_commit();
+                }
+                committed.then_some(held)
+            }
             Err(error) => {
                 fail_replies(batch.into_iter().map(|job| job.reply).collect(), &error);
                 None

@@ -5,11 +5,13 @@ pub mod blobs;
 pub mod statement;
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions, Executor};
+use sqlx::{AnyPool, ConnectOptions, Executor, Row};
 
 pub use blobs::{BlobError, BlobStore};
 
@@ -74,12 +76,22 @@ pub struct Database {
     engine: Engine,
     /// Held while SQLite's WAL is checkpointed: SQLite refuses a second checkpointer outright
     /// (no busy wait), so the periodic, the reclaiming and the closing checkpoint take turns.
-    wal_checkpoint: std::sync::Arc<tokio::sync::Mutex<()>>,
+    wal_checkpoint: Arc<tokio::sync::Mutex<()>>,
+    /// Record writer commits since the last periodic checkpoint.
+    commits_since_checkpoint: Arc<AtomicU64>,
 }
 
-/// How often a serving process moves SQLite's WAL into the database file (see
+/// How often a serving process looks whether SQLite's WAL is due for a checkpoint (see
 /// [`Database::checkpoint_wal_periodically`]).
 const WAL_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Writer commits after which the WAL is checkpointed at the next look.
+const WAL_CHECKPOINT_COMMITS: u64 = 64;
+
+/// The longest a committed WAL waits for its checkpoint when fewer commits arrive. Each full
+/// checkpoint makes the next commit restart the WAL (one more fsync), so a quiet appliance
+/// checkpoints about once a second, not after every commit.
+const WAL_CHECKPOINT_AT_MOST_EVERY: Duration = Duration::from_secs(1);
 
 /// The WAL size, in pages, at which a committing connection checkpoints by itself: the fallback
 /// for processes without the periodic checkpointer (commands) or when it falls behind.
@@ -110,7 +122,8 @@ impl Database {
         Ok(Self {
             pool,
             engine,
-            wal_checkpoint: std::sync::Arc::default(),
+            wal_checkpoint: Arc::default(),
+            commits_since_checkpoint: Arc::default(),
         })
     }
 
@@ -147,7 +160,12 @@ impl Database {
         match self.engine {
             Engine::Sqlite => {
                 let _turn = self.wal_checkpoint.lock().await;
-                self.pool.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+                if !self.checkpoint_wal("TRUNCATE").await? {
+                    return Err(StorageError::Database(
+                        "the write-ahead log still holds deleted pages: a reader kept it busy; retry"
+                            .to_owned(),
+                    ));
+                }
             }
             Engine::Postgres => {
                 self.pool.execute("VACUUM patient_keys").await?;
@@ -162,19 +180,42 @@ impl Database {
     /// process opens the file next (even a command that then fails on a wrong master key).
     pub async fn close(&self) {
         let _turn = self.wal_checkpoint.lock().await;
-        if self.engine == Engine::Sqlite
-            && let Err(error) = self.pool.execute("PRAGMA wal_checkpoint(TRUNCATE)").await
-        {
-            tracing::warn!(error = %describe_sqlx_error(&error), "sqlite wal not checkpointed at close");
+        if self.engine == Engine::Sqlite {
+            match self.checkpoint_wal("TRUNCATE").await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("sqlite wal not checkpointed at close: a reader kept it busy")
+                }
+                Err(error) => {
+                    tracing::warn!(error = %describe_sqlx_error(&error), "sqlite wal not checkpointed at close")
+                }
+            }
         }
         self.pool.close().await;
     }
 
-    /// Moves SQLite's WAL into the database file every [`WAL_CHECKPOINT_INTERVAL`], on a pool
-    /// connection (its own thread), until the pool closes; nothing on PostgreSQL.
+    /// Counts a record writer commit toward the next periodic WAL checkpoint.
+    pub fn note_commit(&self) {
+        self.commits_since_checkpoint
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `PRAGMA wal_checkpoint(mode)`; `false` when SQLite could not finish it (it reports
+    /// that in its result row, not as an error).
+    async fn checkpoint_wal(&self, mode: &str) -> Result<bool, sqlx::Error> {
+        let row = sqlx::query(&format!("PRAGMA wal_checkpoint({mode})"))
+            .fetch_one(&self.pool)
+            .await?;
+        let busy: i64 = row.try_get(0)?;
+        Ok(busy == 0)
+    }
+
+    /// Moves SQLite's WAL into the database file, on a pool connection (its own thread), after
+    /// [`WAL_CHECKPOINT_COMMITS`] writer commits or [`WAL_CHECKPOINT_AT_MOST_EVERY`], whichever
+    /// comes first, until the pool closes; nothing on PostgreSQL.
     ///
     /// Without it the commit that fills the WAL checkpoints it: that commit's caller waits for
-    /// a thousand page copies and an fsync of the database file. Passive checkpoints here take
+    /// thousands of page copies and an fsync of the database file. Passive checkpoints here take
     /// that work off the writer's path and onto the other core.
     pub async fn checkpoint_wal_periodically(self) {
         if self.engine != Engine::Sqlite {
@@ -182,13 +223,26 @@ impl Database {
         }
         let mut ticker = tokio::time::interval(WAL_CHECKPOINT_INTERVAL);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_checkpoint = Instant::now();
         loop {
             ticker.tick().await;
-            let _turn = self.wal_checkpoint.lock().await;
+            let commits = self.commits_since_checkpoint.load(Ordering::Relaxed);
+            let due = commits >= WAL_CHECKPOINT_COMMITS
+                || (commits > 0 && last_checkpoint.elapsed() >= WAL_CHECKPOINT_AT_MOST_EVERY);
+            if !due {
+                continue;
+            }
+            // A shred or the close is checkpointing: that one covers these commits too.
+            let Ok(_turn) = self.wal_checkpoint.try_lock() else {
+                continue;
+            };
             if self.pool.is_closed() {
                 return;
             }
-            if let Err(error) = self.pool.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
+            self.commits_since_checkpoint
+                .fetch_sub(commits, Ordering::Relaxed);
+            last_checkpoint = Instant::now();
+            if let Err(error) = self.checkpoint_wal("PASSIVE").await {
                 tracing::warn!(error = %describe_sqlx_error(&error), "sqlite wal checkpoint failed");
             }
         }
