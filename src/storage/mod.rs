@@ -85,8 +85,10 @@ pub struct Database {
 /// [`Database::checkpoint_wal_periodically`]).
 const WAL_CHECKPOINT_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Writer commits after which the WAL is checkpointed at the next look.
-const WAL_CHECKPOINT_COMMITS: u64 = 64;
+/// Writer commits after which the WAL is checkpointed at the next look. A commit of four
+/// C-STOREs adds about 160 pages, so 16 commits stay well under [`WAL_AUTOCHECKPOINT_PAGES`]
+/// (at 64, a busy writer reached it and checkpointed inside a commit again).
+const WAL_CHECKPOINT_COMMITS: u64 = 16;
 
 /// The longest a committed WAL waits for its checkpoint when fewer commits arrive. Each full
 /// checkpoint makes the next commit restart the WAL (one more fsync), so a quiet appliance
