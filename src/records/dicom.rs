@@ -498,18 +498,21 @@ impl Records {
                     .bind_integer(number);
                 true
             }
-            tag => self.token_condition(conditions, tag, &criterion.matcher),
+            tag => {
+                self.narrow_by_study_tokens(conditions, tag, &criterion.matcher);
+                false
+            }
         }
     }
 
     /// Identifying attributes narrow to candidate studies through their tokens; the decrypted
-    /// headers always decide (returns `false`). A study's tokens are the union of every value its
-    /// instances ever carried: an instance re-sent with a corrected PatientID leaves the old
-    /// value's token behind, and a study may hold instances of two patients when one was
-    /// misfiled, so the tokens alone would match the wrong patient's images.
-    fn token_condition(&self, conditions: &mut Statement, tag: Tag, matcher: &Matcher) -> bool {
+    /// headers always decide (the caller answers `false`). A study's tokens are the union of
+    /// every value its instances ever carried: an instance re-sent with a corrected PatientID
+    /// leaves the old value's token behind, and a study may hold instances of two patients when
+    /// one was misfiled, so the tokens alone would match the wrong patient's images.
+    fn narrow_by_study_tokens(&self, conditions: &mut Statement, tag: Tag, matcher: &Matcher) {
         let Some((_, kind)) = TOKEN_ATTRIBUTES.iter().find(|(known, _)| *known == tag) else {
-            return false;
+            return;
         };
         let blind = self.vault.blind_index();
         let keyword = keyword(tag);
@@ -531,10 +534,10 @@ impl Records {
                     Some(word) if !literal.ends_with(['^', ' ']) || !word.is_empty() => {
                         vec![dicom_prefix_token(blind, &keyword, &word)]
                     }
-                    _ => return false,
+                    _ => return,
                 }
             }
-            _ => return false,
+            _ => return,
         };
         for token in tokens {
             conditions
@@ -546,7 +549,6 @@ impl Records {
                 .bind_text(&token)
                 .push(")");
         }
-        false
     }
 
     /// The result groups (one row per study, series or instance) in a stable order: a page of

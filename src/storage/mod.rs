@@ -292,18 +292,13 @@ async fn connect_sqlite(url: &str) -> Result<AnyPool, StorageError> {
         .acquire_timeout(Duration::from_secs(30))
         .after_connect(|connection, _| {
             Box::pin(async move {
-                connection
-                    .execute(
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 30000; \
-                         PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
-                         PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
-                    )
-                    .await?;
-                connection
-                    .execute(
-                        format!("PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}").as_str(),
-                    )
-                    .await?;
+                let pragmas = format!(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 30000; \
+                     PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON; \
+                     PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY; \
+                     PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
+                );
+                connection.execute(pragmas.as_str()).await?;
                 Ok(())
             })
         })
