@@ -204,7 +204,7 @@ impl Records {
             RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned())
         })?;
         let recipient = self.vault.patient_recipient(&patient_ref).await?;
-        let header_ciphertext = recipient.encrypt(&header)?;
+        let header_ciphertext = recipient.seal_for_index(&header)?;
         let egress_key = self.vault.deidentification_key().clone();
         let blind = self.vault.blind_index();
         let instance_key = dicom_key(blind, "instance", &instance.sop_instance_uid);

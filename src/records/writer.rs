@@ -369,8 +369,8 @@ async fn write_row(
     .bind(last_updated)
     .bind(i64::from(row.deleted))
     .bind(&row.content_type)
-    .bind(row.inline_body.clone())
-    .bind(row.blob_key.clone())
+    .bind(row.inline_body.as_deref())
+    .bind(row.blob_key.as_deref())
     .execute(&mut *connection)
     .await?;
     sqlx::query(
@@ -424,11 +424,11 @@ async fn write_dicom_row(
     .bind(patient_ref)
     .bind(&dicom.sop_class_uid)
     .bind(&dicom.transfer_syntax_uid)
-    .bind(dicom.modality.clone())
+    .bind(dicom.modality.as_deref())
     .bind(dicom.study_date)
     .bind(dicom.series_number)
     .bind(dicom.instance_number)
-    .bind(dicom.header.clone())
+    .bind(dicom.header.as_slice())
     .bind(stored_at)
     .bind(&dicom.deidentified_keys.study_key)
     .bind(&dicom.deidentified_keys.series_key)
@@ -438,8 +438,9 @@ async fn write_dicom_row(
     add_study_tokens(connection, dicom).await
 }
 
-/// Adds the tokens the study does not have yet. Most instances of a study carry the same patient
-/// and study attributes, so this usually reads a few index rows and writes none.
+/// Adds the tokens the study does not have yet, in one statement. Most instances of a study
+/// carry the same patient and study attributes, so this usually reads a few index rows and
+/// writes none.
 async fn add_study_tokens(
     connection: &mut AnyConnection,
     dicom: &DicomInstanceRow,
@@ -447,36 +448,29 @@ async fn add_study_tokens(
     if dicom.study_tokens.is_empty() {
         return Ok(());
     }
-    // Tokens are keyed per attribute (the keyword is part of the HMAC domain), so the token
-    // alone identifies a row.
-    let present: std::collections::HashSet<String> = sqlx::query_scalar(
-        "SELECT token FROM search_tokens WHERE resource_type = $1 AND resource_id = $2",
-    )
-    .bind(DICOM_STUDY)
-    .bind(&dicom.study_key)
-    .fetch_all(&mut *connection)
-    .await?
-    .into_iter()
-    .collect();
-    let missing: Vec<Vec<BindValue>> = dicom
-        .study_tokens
-        .iter()
-        .filter(|row| !present.contains(&row.token))
-        .map(|row| {
-            vec![
-                BindValue::Text(DICOM_STUDY.to_owned()),
-                BindValue::Text(dicom.study_key.clone()),
-                BindValue::Text(row.param.clone()),
-                BindValue::Text(row.token.clone()),
-            ]
-        })
+    let sql = missing_study_tokens_insert(dicom.study_tokens.len());
+    let mut query = sqlx::query(&sql).bind(DICOM_STUDY).bind(&dicom.study_key);
+    for row in &dicom.study_tokens {
+        query = query.bind(&row.param).bind(&row.token);
+    }
+    query.execute(&mut *connection).await?;
+    Ok(())
+}
+
+/// `INSERT … SELECT` of the candidate `(param, token)` pairs `$3, $4, …` of the study `$1, $2`
+/// that the study does not have. Tokens are keyed per attribute (the keyword is part of the HMAC
+/// domain), so the token alone identifies a row.
+fn missing_study_tokens_insert(count: usize) -> String {
+    let candidates: Vec<String> = (0..count)
+        .map(|position| format!("(${}, ${})", 3 + 2 * position, 4 + 2 * position))
         .collect();
-    insert_many(
-        connection,
-        "search_tokens (resource_type, resource_id, param, token)",
-        &missing,
+    format!(
+        "INSERT INTO search_tokens (resource_type, resource_id, param, token) \
+         SELECT $1, $2, candidate.column1, candidate.column2 FROM (VALUES {}) AS candidate \
+         WHERE NOT EXISTS (SELECT 1 FROM search_tokens AS present WHERE present.token = candidate.column2 \
+         AND present.resource_type = $1 AND present.resource_id = $2)",
+        candidates.join(", ")
     )
-    .await
 }
 
 /// Rows per multi-row INSERT of index entries. A fixed set of sizes keeps the number of distinct

@@ -176,7 +176,7 @@ impl BlindIndex {
 
 /// HMAC accepts keys of any length, so this cannot happen; kept out of line for clarity.
 #[cold]
-fn unreachable_hmac_key() -> ! {
+pub(crate) fn unreachable_hmac_key() -> ! {
     panic!("hmac-sha256 accepts keys of any length")
 }
 

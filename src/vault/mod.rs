@@ -3,6 +3,7 @@
 //! crypto-shreds that patient's data.
 
 pub mod blind_index;
+mod index_key;
 pub mod master_key;
 
 use std::collections::HashMap;
@@ -17,6 +18,7 @@ use sqlx::Row;
 use zeroize::Zeroizing;
 
 pub use blind_index::{BlindIndex, BlindIndexKey};
+use index_key::IndexKey;
 pub use master_key::{MasterKey, MasterKeyFile, MasterKeyProtector, protector_for};
 
 use crate::storage::{Database, Engine, StorageError, now_micros};
@@ -24,14 +26,47 @@ use crate::storage::{Database, Engine, StorageError, now_micros};
 /// The patient reference used for records that belong to no patient.
 pub const NO_PATIENT: &str = "no-patient";
 
-/// A patient's age recipient: encrypts payloads only that patient's key opens.
+/// A patient's age recipient, with the patient's index key: encrypts payloads only that
+/// patient's key opens.
 #[derive(Debug, Clone)]
-pub struct PatientRecipient(age::x25519::Recipient);
+pub struct PatientRecipient {
+    recipient: age::x25519::Recipient,
+    index_key: Arc<IndexKey>,
+}
+
+/// A patient's unwrapped identity with what derives from it (its recipient and index key),
+/// cached together so that a write to a patient does no X25519 multiplication to find them.
+struct PatientKeyPair {
+    identity: age::x25519::Identity,
+    recipient: age::x25519::Recipient,
+    index_key: Arc<IndexKey>,
+}
+
+impl PatientKeyPair {
+    fn new(identity: age::x25519::Identity, patient_ref: &str) -> Self {
+        let recipient = identity.to_public();
+        let index_key = Arc::new(IndexKey::derive(&identity, patient_ref));
+        Self {
+            identity,
+            recipient,
+            index_key,
+        }
+    }
+}
 
 impl PatientRecipient {
-    /// Encrypts a payload to the patient (a fresh age file each time).
+    /// Encrypts a payload to the patient (a fresh age file each time): for record bodies and
+    /// blobs, which `patient export-key` and the `age` CLI can open.
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
-        age::encrypt(&self.0, plaintext).map_err(|error| VaultError::Crypto(error.to_string()))
+        age::encrypt(&self.recipient, plaintext)
+            .map_err(|error| VaultError::Crypto(error.to_string()))
+    }
+
+    /// Seals a value only the appliance reads back (an index copy of data the record itself
+    /// holds) with the patient's index key: no X25519 agreement, shredded with the patient.
+    /// [`Vault::decrypt_for_patient`] opens it.
+    pub fn seal_for_index(&self, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        self.index_key.seal(plaintext)
     }
 }
 
@@ -162,7 +197,7 @@ pub struct Vault {
     protector: Box<dyn MasterKeyProtector>,
     master: RwLock<Arc<MasterKey>>,
     blind_index: BlindIndex,
-    identities: Mutex<HashMap<String, Arc<age::x25519::Identity>>>,
+    identities: Mutex<HashMap<String, Arc<PatientKeyPair>>>,
     deidentification: glastonbury_dicom::deidentify::DeidentificationKey,
 }
 
@@ -378,18 +413,25 @@ impl Vault {
         &self,
         patient_ref: &str,
     ) -> Result<PatientRecipient, VaultError> {
-        let identity = self.patient_identity(patient_ref, true).await?;
-        Ok(PatientRecipient(identity.to_public()))
+        let key_pair = self.patient_key_pair(patient_ref, true).await?;
+        Ok(PatientRecipient {
+            recipient: key_pair.recipient.clone(),
+            index_key: Arc::clone(&key_pair.index_key),
+        })
     }
 
-    /// Decrypts a payload with the patient's identity.
+    /// Decrypts a payload with the patient's identity: an age file, or a value sealed with the
+    /// patient's index key.
     pub async fn decrypt_for_patient(
         &self,
         patient_ref: &str,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, VaultError> {
-        let identity = self.patient_identity(patient_ref, false).await?;
-        age::decrypt(identity.as_ref(), ciphertext)
+        let key_pair = self.patient_key_pair(patient_ref, false).await?;
+        if index_key::is_sealed(ciphertext) {
+            return key_pair.index_key.open(ciphertext);
+        }
+        age::decrypt(&key_pair.identity, ciphertext)
             .map_err(|error| VaultError::Payload(error.to_string()))
     }
 
@@ -399,15 +441,15 @@ impl Vault {
         &self,
         patient_ref: &str,
     ) -> Result<SecretString, VaultError> {
-        let identity = self.patient_identity(patient_ref, false).await?;
-        Ok(identity.to_string())
+        let key_pair = self.patient_key_pair(patient_ref, false).await?;
+        Ok(key_pair.identity.to_string())
     }
 
-    async fn patient_identity(
+    async fn patient_key_pair(
         &self,
         patient_ref: &str,
         create: bool,
-    ) -> Result<Arc<age::x25519::Identity>, VaultError> {
+    ) -> Result<Arc<PatientKeyPair>, VaultError> {
         let row = sqlx::query(
             "SELECT wrapped_identity, shredded_at FROM patient_keys WHERE patient_ref = $1",
         )
@@ -419,7 +461,7 @@ impl Vault {
                 return Err(VaultError::UnknownPatient);
             }
             self.create_patient_key(patient_ref).await?;
-            return Box::pin(self.patient_identity(patient_ref, false)).await;
+            return Box::pin(self.patient_key_pair(patient_ref, false)).await;
         };
         let wrapped: Option<Vec<u8>> = row.try_get(0)?;
         let shredded_at: Option<i64> = row.try_get(1)?;
@@ -430,11 +472,14 @@ impl Vault {
         if let Some(cached) = self.cached(patient_ref) {
             return Ok(cached);
         }
-        let identity = Arc::new(self.unwrap_patient_identity(patient_ref, &wrapped)?);
+        let key_pair = Arc::new(PatientKeyPair::new(
+            self.unwrap_patient_identity(patient_ref, &wrapped)?,
+            patient_ref,
+        ));
         if let Ok(mut cache) = self.identities.lock() {
-            cache.insert(patient_ref.to_owned(), Arc::clone(&identity));
+            cache.insert(patient_ref.to_owned(), Arc::clone(&key_pair));
         }
-        Ok(identity)
+        Ok(key_pair)
     }
 
     fn unwrap_patient_identity(
@@ -464,7 +509,7 @@ impl Vault {
         Ok(())
     }
 
-    fn cached(&self, patient_ref: &str) -> Option<Arc<age::x25519::Identity>> {
+    fn cached(&self, patient_ref: &str) -> Option<Arc<PatientKeyPair>> {
         self.identities.lock().ok()?.get(patient_ref).cloned()
     }
 

@@ -790,6 +790,74 @@ fn no_phi_reaches_the_disk_in_the_clear() {
     }
 }
 
+/// A patient's instances are encrypted to the FHIR Patient that carries their PatientID, so
+/// shredding that patient makes their files and their indexed headers unreadable (WADO-RS
+/// metadata and retrieval answer 410), while another patient's study is served as before.
+#[test]
+fn shredding_a_patient_makes_their_instances_and_headers_unreadable() {
+    let gateway = Gateway::start();
+    let fhir_token = gateway.server.token_for("clinician", &["system/Patient.c"]);
+    let created = gateway
+        .client
+        .post(format!("{}/fhir/Patient", gateway.server.base_url))
+        .bearer_auth(&fhir_token)
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient","identifier":[{"value":"1CT1"}]}"#)
+        .send()
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let patient: Value = created.json().unwrap();
+    let patient_id = patient["id"].as_str().unwrap().to_owned();
+    let parts = vec![read("CT_small.dcm"), read("MR_small.dcm")];
+    assert_eq!(
+        gateway.stow(&gateway.writer_token, "studies", &parts).0,
+        200
+    );
+    let shredded = identity("CT_small.dcm");
+    let kept = identity("MR_small.dcm");
+    let metadata_status = |instance: &glastonbury_dicom::Instance| {
+        gateway
+            .client
+            .get(gateway.dicomweb(&format!("studies/{}/metadata", instance.study_instance_uid)))
+            .bearer_auth(&gateway.reader_token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(metadata_status(&shredded), 200);
+
+    let output = gateway.server.command(&["patient", "shred", &patient_id]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    assert_eq!(metadata_status(&shredded), 410);
+    let retrieval = gateway
+        .client
+        .get(gateway.dicomweb(&format!(
+            "studies/{}/series/{}/instances/{}",
+            shredded.study_instance_uid, shredded.series_instance_uid, shredded.sop_instance_uid
+        )))
+        .bearer_auth(&gateway.reader_token)
+        .header(
+            "accept",
+            "multipart/related; type=\"application/dicom\"; transfer-syntax=*",
+        )
+        .send()
+        .unwrap();
+    assert_eq!(retrieval.status().as_u16(), 410);
+    assert_eq!(metadata_status(&kept), 200);
+    let found = gateway.qido(&format!(
+        "studies?StudyInstanceUID={}&includefield=PatientID",
+        kept.study_instance_uid
+    ));
+    assert_eq!(found.len(), 1);
+    assert_eq!(text(&found[0], "00100020").as_deref(), Some("4MR1"));
+}
+
 #[test]
 fn offline_deidentification_is_complete_and_leaves_its_input_alone() {
     let scratch = tempfile::tempdir().unwrap();
