@@ -3,15 +3,12 @@
 //! QIDO-RS and C-FIND). Sealing costs no X25519 agreement, unlike an age file, and the key dies
 //! with the identity, so crypto-shredding covers these values too.
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use hmac::{Hmac, Mac};
-use rand::RngCore;
 use secrecy::ExposeSecret;
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
-use super::VaultError;
+use super::{VaultError, envelope};
 
 /// What every sealed value starts with; an age file starts with `age-encryption.org/`, so the
 /// two never collide and values sealed before this format existed still open.
@@ -19,8 +16,6 @@ const SEALED_PREFIX: &[u8] = b"GBIK1";
 
 /// The HMAC message the key is derived with, followed by the patient reference.
 const DERIVATION_DOMAIN: &[u8] = b"glastonbury patient index key v1\0";
-
-const NONCE_BYTES: usize = 24;
 
 /// A patient's index key (XChaCha20-Poly1305), zeroized on drop.
 pub(crate) struct IndexKey(Zeroizing<[u8; 32]>);
@@ -48,24 +43,13 @@ impl IndexKey {
         Self(key)
     }
 
-    /// `GBIK1 || nonce || ciphertext and tag`, with a fresh random nonce.
+    /// `GBIK1 ‖ nonce ‖ ciphertext and tag`, with a fresh random nonce.
     pub(crate) fn seal(&self, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
-        let mut nonce = [0u8; NONCE_BYTES];
-        rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let ciphertext = self
-            .cipher()
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: SEALED_PREFIX,
-                },
-            )
+        let envelope = envelope::seal(&self.0, SEALED_PREFIX, plaintext)
             .map_err(|_| VaultError::Crypto("sealing an index value failed".to_owned()))?;
-        let mut sealed = Vec::with_capacity(SEALED_PREFIX.len() + NONCE_BYTES + ciphertext.len());
+        let mut sealed = Vec::with_capacity(SEALED_PREFIX.len() + envelope.len());
         sealed.extend_from_slice(SEALED_PREFIX);
-        sealed.extend_from_slice(&nonce);
-        sealed.extend_from_slice(&ciphertext);
+        sealed.extend_from_slice(&envelope);
         Ok(sealed)
     }
 
@@ -73,24 +57,8 @@ impl IndexKey {
     /// error.
     pub(crate) fn open(&self, sealed: &[u8]) -> Result<Vec<u8>, VaultError> {
         let damaged = || VaultError::Payload("a sealed index value is damaged".to_owned());
-        let body = sealed.strip_prefix(SEALED_PREFIX).ok_or_else(damaged)?;
-        if body.len() < NONCE_BYTES {
-            return Err(damaged());
-        }
-        let (nonce, ciphertext) = body.split_at(NONCE_BYTES);
-        self.cipher()
-            .decrypt(
-                XNonce::from_slice(nonce),
-                Payload {
-                    msg: ciphertext,
-                    aad: SEALED_PREFIX,
-                },
-            )
-            .map_err(|_| damaged())
-    }
-
-    fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new((&*self.0).into())
+        let envelope = sealed.strip_prefix(SEALED_PREFIX).ok_or_else(damaged)?;
+        envelope::open(&self.0, SEALED_PREFIX, envelope).map_err(|_| damaged())
     }
 }
 

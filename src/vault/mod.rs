@@ -3,6 +3,7 @@
 //! crypto-shreds that patient's data.
 
 pub mod blind_index;
+mod envelope;
 mod index_key;
 pub mod master_key;
 
@@ -10,8 +11,6 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::Row;
@@ -120,21 +119,8 @@ impl From<sqlx::Error> for VaultError {
 
 /// A wrapped secret as stored: nonce ‖ XChaCha20-Poly1305 ciphertext, bound to its purpose.
 fn wrap(master: &MasterKey, associated_data: &[u8], secret: &[u8]) -> Result<Vec<u8>, VaultError> {
-    let cipher = XChaCha20Poly1305::new(master.bytes().into());
-    let mut nonce = [0u8; 24];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let ciphertext = cipher
-        .encrypt(
-            XNonce::from_slice(&nonce),
-            Payload {
-                msg: secret,
-                aad: associated_data,
-            },
-        )
-        .map_err(|_| VaultError::Crypto("key wrap failed".to_owned()))?;
-    let mut wrapped = nonce.to_vec();
-    wrapped.extend_from_slice(&ciphertext);
-    Ok(wrapped)
+    envelope::seal(master.bytes(), associated_data, secret)
+        .map_err(|_| VaultError::Crypto("key wrap failed".to_owned()))
 }
 
 fn unwrap(
@@ -142,19 +128,7 @@ fn unwrap(
     associated_data: &[u8],
     wrapped: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-    if wrapped.len() < 24 {
-        return Err(VaultError::WrappedKeyInvalid);
-    }
-    let (nonce, ciphertext) = wrapped.split_at(24);
-    let cipher = XChaCha20Poly1305::new(master.bytes().into());
-    cipher
-        .decrypt(
-            XNonce::from_slice(nonce),
-            Payload {
-                msg: ciphertext,
-                aad: associated_data,
-            },
-        )
+    envelope::open(master.bytes(), associated_data, wrapped)
         .map(Zeroizing::new)
         .map_err(|_| VaultError::WrappedKeyInvalid)
 }
