@@ -330,9 +330,12 @@ impl Records {
         let mut patient_refs = BTreeSet::new();
         let mut skipped = 0;
         for group in groups {
-            let stored_header = self
-                .decrypt_header(&group.patient_ref, &group.header)
-                .await?;
+            // A shredded patient's studies are gone: they match nothing, and fail no query.
+            let stored_header = match self.decrypt_header(&group.patient_ref, &group.header).await {
+                Ok(header) => header,
+                Err(RecordError::Shredded) => continue,
+                Err(error) => return Err(error),
+            };
             let Some(header) = egress.header(stored_header) else {
                 continue;
             };
@@ -613,10 +616,7 @@ impl Records {
         patient_ref: &str,
         ciphertext: &[u8],
     ) -> Result<Value, RecordError> {
-        let plaintext = self
-            .vault
-            .decrypt_for_patient(patient_ref, ciphertext)
-            .await?;
+        let plaintext = self.vault.open_index_value(patient_ref, ciphertext).await?;
         serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)
     }
 

@@ -57,11 +57,7 @@ impl Records {
         for row in rows.iter().take(MAX_LISTED_INSTANCES) {
             let patient_ref: String = row.try_get(1)?;
             let ciphertext: Vec<u8> = row.try_get(2)?;
-            let plaintext = match self
-                .vault
-                .decrypt_for_patient(&patient_ref, &ciphertext)
-                .await
-            {
+            let plaintext = match self.vault.open_index_value(&patient_ref, &ciphertext).await {
                 Ok(plaintext) => plaintext,
                 Err(crate::vault::VaultError::PatientShredded) => return Ok(()),
                 Err(error) => return Err(error.into()),

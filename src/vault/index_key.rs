@@ -4,9 +4,8 @@
 //! with the identity, so crypto-shredding covers these values too.
 
 use hmac::{Hmac, Mac};
-use secrecy::ExposeSecret;
 use sha2::Sha256;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::{VaultError, envelope};
 
@@ -27,19 +26,20 @@ impl std::fmt::Debug for IndexKey {
 }
 
 impl IndexKey {
-    /// HMAC-SHA256 keyed with the identity's secret, over a domain string and the patient
-    /// reference: deterministic, so every process derives the same key from the same identity.
-    pub(crate) fn derive(identity: &age::x25519::Identity, patient_ref: &str) -> Self {
-        let secret = identity.to_string();
-        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(secret.expose_secret().as_bytes())
-        {
+    /// HMAC-SHA256 keyed with the identity's secret (its age text form, as unwrapped), over a
+    /// domain string and the patient reference: deterministic, so every process derives the
+    /// same key from the same identity.
+    pub(crate) fn derive(identity_secret_text: &[u8], patient_ref: &str) -> Self {
+        let mut mac = match <Hmac<Sha256> as Mac>::new_from_slice(identity_secret_text) {
             Ok(mac) => mac,
             Err(_) => super::blind_index::unreachable_hmac_key(),
         };
         mac.update(DERIVATION_DOMAIN);
         mac.update(patient_ref.as_bytes());
+        let mut digest = mac.finalize().into_bytes();
         let mut key = Zeroizing::new([0u8; 32]);
-        key.copy_from_slice(&mac.finalize().into_bytes());
+        key.copy_from_slice(&digest);
+        digest.as_mut_slice().zeroize();
         Self(key)
     }
 
@@ -69,11 +69,17 @@ pub(crate) fn is_sealed(ciphertext: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret;
+
     use super::*;
+
+    fn secret_text(identity: &age::x25519::Identity) -> Vec<u8> {
+        identity.to_string().expose_secret().as_bytes().to_vec()
+    }
 
     #[test]
     fn a_sealed_value_opens_with_the_same_patients_key_only() {
-        let identity = age::x25519::Identity::generate();
+        let identity = secret_text(&age::x25519::Identity::generate());
         let key = IndexKey::derive(&identity, "patient-a");
         let sealed = key.seal(b"{\"00100010\":{}}").expect("seals");
         assert!(is_sealed(&sealed));
@@ -85,13 +91,19 @@ mod tests {
         );
         let other_patient = IndexKey::derive(&identity, "patient-b");
         assert!(other_patient.open(&sealed).is_err());
-        let other_identity = IndexKey::derive(&age::x25519::Identity::generate(), "patient-a");
+        let other_identity = IndexKey::derive(
+            &secret_text(&age::x25519::Identity::generate()),
+            "patient-a",
+        );
         assert!(other_identity.open(&sealed).is_err());
     }
 
     #[test]
     fn a_tampered_or_truncated_value_is_refused() {
-        let key = IndexKey::derive(&age::x25519::Identity::generate(), "patient-a");
+        let key = IndexKey::derive(
+            &secret_text(&age::x25519::Identity::generate()),
+            "patient-a",
+        );
         let mut sealed = key.seal(b"header").expect("seals");
         let last = sealed.len() - 1;
         sealed[last] ^= 1;

@@ -42,14 +42,21 @@ struct PatientKeyPair {
 }
 
 impl PatientKeyPair {
-    fn new(identity: age::x25519::Identity, patient_ref: &str) -> Self {
-        let recipient = identity.to_public();
-        let index_key = Arc::new(IndexKey::derive(&identity, patient_ref));
-        Self {
+    /// The key pair of an unwrapped identity in age's text form (`AGE-SECRET-KEY-1…`).
+    fn from_secret_text(secret_text: &[u8], patient_ref: &str) -> Result<Self, VaultError> {
+        let text = std::str::from_utf8(secret_text).map_err(|_| VaultError::WrappedKeyInvalid)?;
+        let identity =
+            age::x25519::Identity::from_str(text).map_err(|_| VaultError::WrappedKeyInvalid)?;
+        Ok(Self {
+            recipient: identity.to_public(),
+            index_key: Arc::new(IndexKey::derive(secret_text, patient_ref)),
             identity,
-            recipient,
-            index_key,
-        }
+        })
+    }
+
+    fn decrypt_age_file(&self, ciphertext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        age::decrypt(&self.identity, ciphertext)
+            .map_err(|error| VaultError::Payload(error.to_string()))
     }
 }
 
@@ -394,19 +401,28 @@ impl Vault {
         })
     }
 
-    /// Decrypts a payload with the patient's identity: an age file, or a value sealed with the
-    /// patient's index key.
+    /// Decrypts a payload (an age file) with the patient's identity.
     pub async fn decrypt_for_patient(
         &self,
         patient_ref: &str,
         ciphertext: &[u8],
     ) -> Result<Vec<u8>, VaultError> {
         let key_pair = self.patient_key_pair(patient_ref, false).await?;
-        if index_key::is_sealed(ciphertext) {
-            return key_pair.index_key.open(ciphertext);
+        key_pair.decrypt_age_file(ciphertext)
+    }
+
+    /// Opens an index value: one [`PatientRecipient::seal_for_index`] sealed, or one stored as an
+    /// age file before index keys existed.
+    pub async fn open_index_value(
+        &self,
+        patient_ref: &str,
+        sealed: &[u8],
+    ) -> Result<Vec<u8>, VaultError> {
+        let key_pair = self.patient_key_pair(patient_ref, false).await?;
+        if index_key::is_sealed(sealed) {
+            return key_pair.index_key.open(sealed);
         }
-        age::decrypt(&key_pair.identity, ciphertext)
-            .map_err(|error| VaultError::Payload(error.to_string()))
+        key_pair.decrypt_age_file(sealed)
     }
 
     /// The patient's identity in age's text form (`AGE-SECRET-KEY-1…`), for the audited
@@ -446,21 +462,18 @@ impl Vault {
         if let Some(cached) = self.cached(patient_ref) {
             return Ok(cached);
         }
-        let key_pair = Arc::new(PatientKeyPair::new(
-            self.unwrap_patient_identity(patient_ref, &wrapped)?,
-            patient_ref,
-        ));
+        let key_pair = Arc::new(self.unwrap_patient_key_pair(patient_ref, &wrapped)?);
         if let Ok(mut cache) = self.identities.lock() {
             cache.insert(patient_ref.to_owned(), Arc::clone(&key_pair));
         }
         Ok(key_pair)
     }
 
-    fn unwrap_patient_identity(
+    fn unwrap_patient_key_pair(
         &self,
         patient_ref: &str,
         wrapped: &[u8],
-    ) -> Result<age::x25519::Identity, VaultError> {
+    ) -> Result<PatientKeyPair, VaultError> {
         let associated_data = patient_key_associated_data(patient_ref);
         let plain = match unwrap(&self.current_master(), &associated_data, wrapped) {
             Ok(plain) => plain,
@@ -470,8 +483,7 @@ impl Vault {
                 unwrap(&self.current_master(), &associated_data, wrapped)?
             }
         };
-        let text = std::str::from_utf8(&plain).map_err(|_| VaultError::WrappedKeyInvalid)?;
-        age::x25519::Identity::from_str(text).map_err(|_| VaultError::WrappedKeyInvalid)
+        PatientKeyPair::from_secret_text(&plain, patient_ref)
     }
 
     fn reload_master(&self) -> Result<(), VaultError> {

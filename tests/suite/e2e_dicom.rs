@@ -279,6 +279,11 @@ fn identity(name: &str) -> glastonbury_dicom::Instance {
     glastonbury_dicom::instance::from_part10(read(name)).unwrap()
 }
 
+fn patient_name(instance: &glastonbury_dicom::Instance) -> String {
+    glastonbury_dicom::instance::text_of(&instance.header, dicom_dictionary_std::tags::PATIENT_NAME)
+        .unwrap()
+}
+
 fn text(value: &Value, tag: &str) -> Option<String> {
     let first = value.get(tag)?.get("Value")?.get(0)?;
     match first {
@@ -368,9 +373,7 @@ fn qido_matches_names_dates_uid_lists_and_pages() {
         200
     );
     let ct = identity("CT_small.dcm");
-    let ct_name =
-        glastonbury_dicom::instance::text_of(&ct.header, dicom_dictionary_std::tags::PATIENT_NAME)
-            .unwrap();
+    let ct_name = patient_name(&ct);
     let prefix: String = ct_name.chars().take(3).collect();
     let by_name = gateway.qido(&format!("studies?PatientName={prefix}*"));
     assert!(by_name.iter().any(|study| text(study, "0020000D").as_deref() == Some(ct.study_instance_uid.as_str())));
@@ -474,6 +477,35 @@ fn qido_matches_names_dates_uid_lists_and_pages() {
         .unwrap();
     assert_eq!(bad.status().as_u16(), 400);
     assert_eq!(bad.headers()["content-type"], "application/problem+json");
+}
+
+/// The imaging index on PostgreSQL: instances that share a study add its identifying tokens
+/// once, and QIDO-RS finds the studies by name prefix and patient id.
+#[test]
+fn the_imaging_index_works_on_postgres() {
+    let Some(admin_url) = crate::common::postgres_admin_url() else {
+        println!("notice: GLASTONBURY_TEST_DATABASE_URL is not set; skipping DICOM on PostgreSQL");
+        return;
+    };
+    let database = crate::common::TemporaryPostgres::create(&admin_url);
+    let gateway = Gateway::start_with(&[("GLASTONBURY_DATABASE_URL", &database.url)]);
+    let parts: Vec<Vec<u8>> = CORPUS.iter().map(|name| read(name)).collect();
+    let (status, _) = gateway.stow(&gateway.writer_token, "studies", &parts);
+    assert_eq!(status, 200);
+    let mr = identity("MR_small.dcm");
+    let prefix: String = patient_name(&mr).chars().take(3).collect();
+    let by_name = gateway.qido(&format!("studies?PatientName={prefix}*"));
+    let mr_studies: Vec<&Value> = by_name
+        .iter()
+        .filter(|study| text(study, "0020000D").as_deref() == Some(mr.study_instance_uid.as_str()))
+        .collect();
+    assert_eq!(mr_studies.len(), 1, "one answer per study");
+    let by_id = gateway.qido("studies?PatientID=1CT1");
+    assert_eq!(by_id.len(), 1);
+    assert_eq!(
+        text(&by_id[0], "0020000D").as_deref(),
+        Some(identity("CT_small.dcm").study_instance_uid.as_str())
+    );
 }
 
 #[test]
@@ -850,6 +882,16 @@ fn shredding_a_patient_makes_their_instances_and_headers_unreadable() {
         .unwrap();
     assert_eq!(retrieval.status().as_u16(), 410);
     assert_eq!(metadata_status(&kept), 200);
+    let every_study = gateway.qido("studies");
+    assert_eq!(
+        every_study.len(),
+        1,
+        "a shredded study matches nothing and fails no query"
+    );
+    assert_eq!(
+        text(&every_study[0], "0020000D").as_deref(),
+        Some(kept.study_instance_uid.as_str())
+    );
     let found = gateway.qido(&format!(
         "studies?StudyInstanceUID={}&includefield=PatientID",
         kept.study_instance_uid

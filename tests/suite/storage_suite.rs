@@ -380,6 +380,55 @@ async fn large_bodies_go_to_the_blob_store(engine: EngineUnderTest) {
     appliance.close().await;
 }
 
+/// Index values (the DICOM header beside each instance) are sealed with the patient's index
+/// key: they open as index values only, values stored as age files before still open, and both
+/// die with the patient's key.
+async fn index_values_open_for_their_patient_until_shredded(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let vault = &appliance.vault;
+    let alice = vault.patient_ref(Some("alice"));
+    let bob = vault.patient_ref(Some("bob"));
+    let recipient = vault.patient_recipient(&alice).await.unwrap();
+    let sealed = recipient.seal_for_index(b"alice header").unwrap();
+    let legacy = recipient.encrypt(b"alice legacy header").unwrap();
+    assert!(!sealed.starts_with(b"age-encryption.org/"));
+    assert_eq!(
+        vault.open_index_value(&alice, &sealed).await.unwrap(),
+        b"alice header"
+    );
+    assert_eq!(
+        vault.open_index_value(&alice, &legacy).await.unwrap(),
+        b"alice legacy header"
+    );
+    assert!(
+        vault.decrypt_for_patient(&alice, &sealed).await.is_err(),
+        "an index value is not a record payload"
+    );
+    vault.patient_recipient(&bob).await.unwrap();
+    assert!(
+        vault.open_index_value(&bob, &sealed).await.is_err(),
+        "another patient's key does not open it"
+    );
+    let admin = Arc::new(Principal::local_administrator("HOPERAT"));
+    assert!(
+        appliance
+            .records
+            .shred_patient(&admin, "alice")
+            .await
+            .unwrap()
+    );
+    for value in [&sealed, &legacy] {
+        assert!(matches!(
+            vault.open_index_value(&alice, value).await,
+            Err(glastonbury::vault::VaultError::PatientShredded)
+        ));
+    }
+    appliance.close().await;
+}
+
 on_both_engines!(
     versions_are_kept_and_deletes_are_tombstones,
     every_access_and_denial_is_journaled,
@@ -387,4 +436,5 @@ on_both_engines!(
     shredding_one_patient_leaves_others_readable,
     rotation_rewraps_keys_and_keeps_payloads,
     large_bodies_go_to_the_blob_store,
+    index_values_open_for_their_patient_until_shredded,
 );
