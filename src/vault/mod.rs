@@ -70,7 +70,7 @@ impl PatientRecipient {
 
     /// Seals a value only the appliance reads back (an index copy of data the record itself
     /// holds) with the patient's index key: no X25519 agreement, shredded with the patient.
-    /// [`Vault::decrypt_for_patient`] opens it.
+    /// [`Vault::open_index_value`] opens it.
     pub fn seal_for_index(&self, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
         self.index_key.seal(plaintext)
     }
