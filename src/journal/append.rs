@@ -71,11 +71,65 @@ pub async fn append_leaves(
     let hashes: Vec<Hash> = leaves.iter().map(|leaf| leaf.hash).collect();
     let mut next = range.clone();
     let batch = next.append_batch(&hashes)?;
-    insert_leaf_rows(connection, first_index, leaves).await?;
-    insert_node_rows(connection, &batch.nodes).await?;
-    store_head(connection, &next).await?;
+    let fits_one_query = leaves.len() <= LEAF_ROWS_PER_STATEMENT
+        && batch.nodes.len() <= NODE_ROWS_PER_STATEMENT
+        && connection.backend_name() == SQLITE_BACKEND;
+    if fits_one_query {
+        append_in_one_query(connection, first_index, leaves, &batch.nodes, &next).await?;
+    } else {
+        insert_leaf_rows(connection, first_index, leaves).await?;
+        insert_node_rows(connection, &batch.nodes).await?;
+        store_head(connection, &next).await?;
+    }
     *range = next;
     Ok(first_index)
+}
+
+/// The engine name sqlx's `Any` driver gives SQLite connections.
+const SQLITE_BACKEND: &str = "SQLite";
+
+const INSERT_LEAVES: &str = "INSERT INTO audit_leaves (leaf_index, leaf, recorded_at, patient_ref, agent_id, event_code, outcome) VALUES ";
+const LEAF_COLUMNS: usize = 7;
+const INSERT_NODES: &str = "INSERT INTO audit_nodes (level, node_index, hash) VALUES ";
+const NODE_COLUMNS: usize = 3;
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Leaves, nodes and head as one multi-statement query: one round trip to SQLite's connection
+/// thread instead of three (SQLite numbers placeholders across the statements of one query).
+async fn append_in_one_query(
+    connection: &mut AnyConnection,
+    first_index: u64,
+    leaves: &[PendingLeaf],
+    nodes: &[StoredNode],
+    head: &CompactRange,
+) -> Result<(), JournalError> {
+    let mut sql = multi_row_insert_from(INSERT_LEAVES, LEAF_COLUMNS, leaves.len(), 1);
+    let mut next_parameter = 1 + LEAF_COLUMNS * leaves.len();
+    if !nodes.is_empty() {
+        sql.push_str(";\n");
+        sql.push_str(&multi_row_insert_from(
+            INSERT_NODES,
+            NODE_COLUMNS,
+            nodes.len(),
+            next_parameter,
+        ));
+        next_parameter += NODE_COLUMNS * nodes.len();
+    }
+    sql.push_str(&format!(
+        ";\nUPDATE journal_head SET tree_size = ${}, frontier = ${} WHERE id = 1",
+        next_parameter,
+        next_parameter + 1
+    ));
+    let query = bind_leaf_rows(sqlx::query(&sql), first_index, leaves)?;
+    let query = bind_node_rows(query, nodes)?;
+    let (tree_size, frontier) = head_values(head)?;
+    query
+        .bind(tree_size)
+        .bind(frontier)
+        .execute(&mut *connection)
+        .await?;
+    Ok(())
 }
 
 async fn insert_leaf_rows(
@@ -83,28 +137,33 @@ async fn insert_leaf_rows(
     first_index: u64,
     leaves: &[PendingLeaf],
 ) -> Result<(), JournalError> {
-    let mut index = to_i64(first_index)?;
+    let mut chunk_first_index = first_index;
     for chunk in leaves.chunks(LEAF_ROWS_PER_STATEMENT) {
-        let sql = multi_row_insert(
-            "INSERT INTO audit_leaves (leaf_index, leaf, recorded_at, patient_ref, agent_id, event_code, outcome) VALUES ",
-            7,
-            chunk.len(),
-        );
-        let mut query = sqlx::query(&sql);
-        for leaf in chunk {
-            query = query
-                .bind(index)
-                .bind(leaf.bytes.clone())
-                .bind(leaf.recorded_at)
-                .bind(leaf.patient_ref.clone())
-                .bind(leaf.agent_id.clone())
-                .bind(leaf.event_code.clone())
-                .bind(leaf.outcome);
-            index += 1;
-        }
-        query.execute(&mut *connection).await?;
+        let sql = multi_row_insert_from(INSERT_LEAVES, LEAF_COLUMNS, chunk.len(), 1);
+        bind_leaf_rows(sqlx::query(&sql), chunk_first_index, chunk)?
+            .execute(&mut *connection)
+            .await?;
+        chunk_first_index += chunk.len() as u64;
     }
     Ok(())
+}
+
+fn bind_leaf_rows<'q>(
+    mut query: AnyQuery<'q>,
+    first_index: u64,
+    leaves: &'q [PendingLeaf],
+) -> Result<AnyQuery<'q>, JournalError> {
+    for (index, leaf) in (to_i64(first_index)?..).zip(leaves) {
+        query = query
+            .bind(index)
+            .bind(leaf.bytes.as_slice())
+            .bind(leaf.recorded_at)
+            .bind(leaf.patient_ref.as_deref())
+            .bind(leaf.agent_id.as_str())
+            .bind(leaf.event_code.as_str())
+            .bind(leaf.outcome);
+    }
+    Ok(query)
 }
 
 async fn insert_node_rows(
@@ -112,41 +171,56 @@ async fn insert_node_rows(
     nodes: &[StoredNode],
 ) -> Result<(), JournalError> {
     for chunk in nodes.chunks(NODE_ROWS_PER_STATEMENT) {
-        let sql = multi_row_insert(
-            "INSERT INTO audit_nodes (level, node_index, hash) VALUES ",
-            3,
-            chunk.len(),
-        );
-        let mut query = sqlx::query(&sql);
-        for node in chunk {
-            query = query
-                .bind(i64::from(node.id.level))
-                .bind(to_i64(node.id.index)?)
-                .bind(node.hash.to_vec());
-        }
-        query.execute(&mut *connection).await?;
+        let sql = multi_row_insert_from(INSERT_NODES, NODE_COLUMNS, chunk.len(), 1);
+        bind_node_rows(sqlx::query(&sql), chunk)?
+            .execute(&mut *connection)
+            .await?;
     }
     Ok(())
+}
+
+fn bind_node_rows<'q>(
+    mut query: AnyQuery<'q>,
+    nodes: &'q [StoredNode],
+) -> Result<AnyQuery<'q>, JournalError> {
+    for node in nodes {
+        query = query
+            .bind(i64::from(node.id.level))
+            .bind(to_i64(node.id.index)?)
+            .bind(node.hash.as_slice());
+    }
+    Ok(query)
 }
 
 async fn store_head(
     connection: &mut AnyConnection,
     range: &CompactRange,
 ) -> Result<(), JournalError> {
-    let frontier: Vec<u8> = range.border().iter().flat_map(|node| node.hash).collect();
+    let (tree_size, frontier) = head_values(range)?;
     sqlx::query("UPDATE journal_head SET tree_size = $1, frontier = $2 WHERE id = 1")
-        .bind(to_i64(range.size())?)
+        .bind(tree_size)
         .bind(frontier)
         .execute(&mut *connection)
         .await?;
     Ok(())
 }
 
-/// `prefix` followed by `rows` groups of `columns` numbered placeholders.
-fn multi_row_insert(prefix: &str, columns: usize, rows: usize) -> String {
+/// The head row's tree size and frontier (the border nodes' hashes, concatenated).
+fn head_values(range: &CompactRange) -> Result<(i64, Vec<u8>), JournalError> {
+    let frontier: Vec<u8> = range.border().iter().flat_map(|node| node.hash).collect();
+    Ok((to_i64(range.size())?, frontier))
+}
+
+/// `prefix` followed by `rows` groups of `columns` placeholders numbered from `first_parameter`.
+fn multi_row_insert_from(
+    prefix: &str,
+    columns: usize,
+    rows: usize,
+    first_parameter: usize,
+) -> String {
     let mut sql = String::with_capacity(prefix.len() + rows * columns * 6);
     sql.push_str(prefix);
-    let mut parameter = 1;
+    let mut parameter = first_parameter;
     for row in 0..rows {
         if row > 0 {
             sql.push(',');
@@ -171,13 +245,21 @@ pub(crate) fn to_i64(value: u64) -> Result<i64, JournalError> {
 
 #[cfg(test)]
 mod tests {
-    use super::multi_row_insert;
+    use super::multi_row_insert_from;
 
     #[test]
     fn placeholders_are_numbered_across_rows() {
         assert_eq!(
-            multi_row_insert("INSERT INTO t (a, b) VALUES ", 2, 2),
+            multi_row_insert_from("INSERT INTO t (a, b) VALUES ", 2, 2, 1),
             "INSERT INTO t (a, b) VALUES ($1,$2),($3,$4)"
+        );
+    }
+
+    #[test]
+    fn placeholders_continue_from_an_earlier_statement() {
+        assert_eq!(
+            multi_row_insert_from("INSERT INTO t (a) VALUES ", 1, 2, 8),
+            "INSERT INTO t (a) VALUES ($8),($9)"
         );
     }
 }

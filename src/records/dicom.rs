@@ -24,6 +24,7 @@ use super::search_index::{
     DICOM_INSTANCE, DICOM_STUDY, IndexRows, TokenRow, dicom_exact_token, dicom_prefix_token,
     dicom_token_rows, patient_identifier_token,
 };
+use super::stored_study_tokens::TokenFingerprint;
 use super::writer::{DeidentifiedKeys, DicomInstanceRow, Precondition};
 use super::{PreparedWrite, RecordError, RecordKey, RecordVersion, Records, version_row};
 use crate::access::{self, Allowed, Principal};
@@ -84,6 +85,18 @@ pub struct RetrievableInstance {
 /// A stored instance's keyed hashes (what the index holds instead of UIDs).
 fn dicom_key(blind: &crate::vault::BlindIndex, level: &str, uid: &str) -> String {
     blind.pseudonym(&format!("dicom-{level}"), uid)
+}
+
+/// What [`Records::keyed_instance_index`] computes for an instance before its patient is known.
+struct KeyedInstanceIndex {
+    /// The header as DICOM JSON, still to be sealed with the patient's index key.
+    header: Vec<u8>,
+    instance_key: String,
+    series_key: String,
+    study_key: String,
+    study_tokens: Vec<TokenRow>,
+    token_fingerprint: TokenFingerprint,
+    deidentified_keys: DeidentifiedKeys,
 }
 
 /// Keyed hashes of the UIDs the de-identified view names an instance by.
@@ -199,20 +212,19 @@ impl Records {
             None => (instance, "store"),
         };
         let attributes = indexed_attributes(&instance.header);
-        let patient_ref = self.dicom_patient_ref(&attributes).await?;
-        let header = json::header_json_bytes(&instance.header).map_err(|_| {
-            RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned())
-        })?;
+        // The patient lookup is a database round trip: what needs no patient key is computed
+        // while it runs.
+        let (patient_ref, keyed) = tokio::join!(self.dicom_patient_ref(&attributes), async {
+            self.keyed_instance_index(&instance, &attributes)
+        });
+        let patient_ref = patient_ref?;
+        let keyed = keyed?;
         let recipient = self.vault.patient_recipient(&patient_ref).await?;
-        let header_ciphertext = recipient.seal_for_index(&header)?;
-        let egress_key = self.vault.deidentification_key().clone();
-        let blind = self.vault.blind_index();
-        let instance_key = dicom_key(blind, "instance", &instance.sop_instance_uid);
-        let study_key = dicom_key(blind, "study", &instance.study_instance_uid);
-        let key = RecordKey::new(DICOM_INSTANCE, &instance_key);
+        let header_ciphertext = recipient.seal_for_index(&keyed.header)?;
         let payload = self
             .encrypted_payload(&recipient, &patient_ref, &instance.part10)
             .await?;
+        let key = RecordKey::new(DICOM_INSTANCE, &keyed.instance_key);
         let mut row = version_row(
             &key,
             &patient_ref,
@@ -221,10 +233,11 @@ impl Records {
             Precondition::None,
             IndexRows::default(),
         );
+        let study_key = keyed.study_key.clone();
         row.dicom = Some(DicomInstanceRow {
-            instance_key,
-            series_key: dicom_key(blind, "series", &instance.series_instance_uid),
-            study_key: study_key.clone(),
+            instance_key: keyed.instance_key,
+            series_key: keyed.series_key,
+            study_key: keyed.study_key,
             sop_class_uid: instance.sop_class_uid.clone(),
             transfer_syntax_uid: instance.transfer_syntax_uid.clone(),
             modality: attributes.modality.clone(),
@@ -232,14 +245,8 @@ impl Records {
             series_number: attributes.series_number,
             instance_number: attributes.instance_number,
             header: header_ciphertext,
-            study_tokens: study_token_rows(blind, &attributes),
-            deidentified_keys: deidentified_keys(
-                blind,
-                &egress_key,
-                &instance.study_instance_uid,
-                &instance.series_instance_uid,
-                &instance.sop_instance_uid,
-            ),
+            study_tokens: keyed.study_tokens,
+            deidentified_keys: keyed.deidentified_keys,
         });
         let draft = AuditDraft::by(
             allowed.principal(),
@@ -250,7 +257,46 @@ impl Records {
         .on(IMAGING_RESOURCE_TYPE, Some(&study_key))
         .for_patient(&patient_ref)
         .decided_by(allowed.decided_by());
-        self.commit_one(PreparedWrite { key, row, draft }).await
+        let stored = self.commit_one(PreparedWrite { key, row, draft }).await?;
+        self.stored_study_tokens
+            .remember(&study_key, keyed.token_fingerprint);
+        Ok(stored)
+    }
+
+    /// The index entries of an instance that need the blind index but not the patient's key:
+    /// UID keys, the study's tokens (none when this process already committed them for the
+    /// same attributes) and the header to seal.
+    fn keyed_instance_index(
+        &self,
+        instance: &Instance,
+        attributes: &IndexedAttributes,
+    ) -> Result<KeyedInstanceIndex, RecordError> {
+        let header = json::header_json_bytes(&instance.header).map_err(|_| {
+            RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned())
+        })?;
+        let blind = self.vault.blind_index();
+        let study_key = dicom_key(blind, "study", &instance.study_instance_uid);
+        let token_fingerprint = TokenFingerprint::of(blind, attributes);
+        let study_tokens = if self.stored_study_tokens.has(&study_key, &token_fingerprint) {
+            Vec::new()
+        } else {
+            study_token_rows(blind, attributes)
+        };
+        Ok(KeyedInstanceIndex {
+            header,
+            instance_key: dicom_key(blind, "instance", &instance.sop_instance_uid),
+            series_key: dicom_key(blind, "series", &instance.series_instance_uid),
+            study_key,
+            study_tokens,
+            token_fingerprint,
+            deidentified_keys: deidentified_keys(
+                blind,
+                self.vault.deidentification_key(),
+                &instance.study_instance_uid,
+                &instance.series_instance_uid,
+                &instance.sop_instance_uid,
+            ),
+        })
     }
 
     /// The profile the policy applies to instances from this source before storing, if any.

@@ -8,6 +8,7 @@ pub mod egress;
 pub mod imaging_study;
 pub mod search;
 pub mod search_index;
+pub mod stored_study_tokens;
 pub mod writer;
 
 use std::sync::Arc;
@@ -218,6 +219,8 @@ pub struct Records {
     inline_limit: usize,
     export_expiry_seconds: u64,
     deidentification: Arc<access::deidentification::DeidentificationPolicies>,
+    /// Studies whose identifying-attribute tokens this process has committed.
+    stored_study_tokens: stored_study_tokens::StoredStudyTokens,
 }
 
 impl Records {
@@ -242,6 +245,7 @@ impl Records {
             inline_limit: DEFAULT_INLINE_LIMIT,
             export_expiry_seconds: bulk_export::DEFAULT_EXPORT_EXPIRY_SECONDS,
             deidentification,
+            stored_study_tokens: stored_study_tokens::StoredStudyTokens::default(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! transaction (each in its own savepoint, so one failure does not sink the others), appends their
 //! audit leaves in that same transaction, commits once, and only then answers each caller.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use sqlx::pool::PoolConnection;
@@ -340,6 +340,35 @@ async fn apply_unit(
     ))
 }
 
+/// A record version row. Parameters `$1`–`$9`: resource type, resource id, version, patient,
+/// last updated, deleted, content type, inline body, blob key.
+const INSERT_RECORD: &str = "INSERT INTO records (resource_type, resource_id, version, patient_ref, last_updated, deleted, content_type, body, blob_key) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
+/// The record's head row, from the parameters of [`INSERT_RECORD`].
+const UPSERT_RECORD_HEAD: &str = "INSERT INTO record_heads (resource_type, resource_id, version, deleted, patient_ref, last_updated) \
+     VALUES ($1, $2, $3, $6, $4, $5) \
+     ON CONFLICT (resource_type, resource_id) DO UPDATE SET version = excluded.version, \
+     deleted = excluded.deleted, patient_ref = excluded.patient_ref, last_updated = excluded.last_updated";
+
+/// An instance's imaging index row (replacing the previous version's). Parameters `$10`–`$24`,
+/// after those of [`INSERT_RECORD`]: instance, series and study keys, patient, SOP class,
+/// transfer syntax, modality, study date, series number, instance number, sealed header, stored
+/// at, and the de-identified study, series and instance keys.
+const UPSERT_DICOM_INSTANCE: &str = "INSERT INTO dicom_instances (instance_key, series_key, study_key, patient_ref, sop_class_uid, transfer_syntax_uid, \
+     modality, study_date, series_number, instance_number, header, stored_at, deid_study_key, deid_series_key, deid_instance_key) \
+     VALUES ($10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24) \
+     ON CONFLICT (instance_key) DO UPDATE SET series_key = excluded.series_key, study_key = excluded.study_key, \
+     patient_ref = excluded.patient_ref, sop_class_uid = excluded.sop_class_uid, \
+     transfer_syntax_uid = excluded.transfer_syntax_uid, modality = excluded.modality, \
+     study_date = excluded.study_date, series_number = excluded.series_number, \
+     instance_number = excluded.instance_number, header = excluded.header, stored_at = excluded.stored_at, \
+     deid_study_key = excluded.deid_study_key, deid_series_key = excluded.deid_series_key, \
+     deid_instance_key = excluded.deid_instance_key";
+
+/// The engine name sqlx's `Any` driver gives SQLite connections.
+const SQLITE_BACKEND: &str = "SQLite";
+
 async fn write_row(
     connection: &mut AnyConnection,
     row: &RowWrite,
@@ -356,86 +385,112 @@ async fn write_row(
         None => None,
     };
     check_precondition(row.precondition, current)?;
-    let version = current.map_or(1, |(version, _)| version + 1);
-    let last_updated = next_timestamp();
-    sqlx::query(
-        "INSERT INTO records (resource_type, resource_id, version, patient_ref, last_updated, deleted, content_type, body, blob_key) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-    )
-    .bind(&row.resource_type)
-    .bind(&row.resource_id)
-    .bind(version)
-    .bind(&row.patient_ref)
-    .bind(last_updated)
-    .bind(i64::from(row.deleted))
-    .bind(&row.content_type)
-    .bind(row.inline_body.as_deref())
-    .bind(row.blob_key.as_deref())
-    .execute(&mut *connection)
-    .await?;
-    sqlx::query(
-        "INSERT INTO record_heads (resource_type, resource_id, version, deleted, patient_ref, last_updated) \
-         VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (resource_type, resource_id) DO UPDATE SET version = excluded.version, \
-         deleted = excluded.deleted, patient_ref = excluded.patient_ref, last_updated = excluded.last_updated",
-    )
-    .bind(&row.resource_type)
-    .bind(&row.resource_id)
-    .bind(version)
-    .bind(i64::from(row.deleted))
-    .bind(&row.patient_ref)
-    .bind(last_updated)
-    .execute(&mut *connection)
+    let written = WrittenRow {
+        version: current.map_or(1, |(version, _)| version + 1),
+        last_updated: next_timestamp(),
+    };
+    let statements = match row.dicom {
+        Some(_) => &*DICOM_VERSION_ROW,
+        None => &*VERSION_ROW,
+    };
+    execute_sharing_parameters(connection, statements, |query| {
+        bind_version_row(query, row, &written)
+    })
     .await?;
     if current.is_some() {
         remove_index(connection, row).await?;
     }
     if let Some(dicom) = &row.dicom {
-        write_dicom_row(connection, &row.patient_ref, dicom, last_updated).await?;
+        add_study_tokens(connection, dicom).await?;
     }
-    Ok(WrittenRow {
-        version,
-        last_updated,
-    })
+    Ok(written)
 }
 
-/// Inserts (or, for a new version of the same instance, replaces) an instance's imaging index row.
-async fn write_dicom_row(
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+
+/// Statements whose placeholders number into one shared parameter list, with the
+/// multi-statement text SQLite runs them as.
+struct SharedParameterStatements {
+    statements: Vec<&'static str>,
+    joined: String,
+}
+
+impl SharedParameterStatements {
+    fn new(statements: &[&'static str]) -> Self {
+        Self {
+            statements: statements.to_vec(),
+            joined: statements.join(";\n"),
+        }
+    }
+}
+
+/// A version row and its head.
+static VERSION_ROW: LazyLock<SharedParameterStatements> =
+    LazyLock::new(|| SharedParameterStatements::new(&[INSERT_RECORD, UPSERT_RECORD_HEAD]));
+
+/// A DICOM instance's version row, its head and its imaging index row.
+static DICOM_VERSION_ROW: LazyLock<SharedParameterStatements> = LazyLock::new(|| {
+    SharedParameterStatements::new(&[INSERT_RECORD, UPSERT_RECORD_HEAD, UPSERT_DICOM_INSTANCE])
+});
+
+/// Runs statements that share one parameter list: on SQLite as one multi-statement query (one
+/// round trip to the connection's thread instead of one each); on PostgreSQL, which takes one
+/// statement per query, one by one, each declaring every parameter.
+async fn execute_sharing_parameters<'q>(
     connection: &mut AnyConnection,
-    patient_ref: &str,
-    dicom: &DicomInstanceRow,
-    stored_at: i64,
-) -> Result<(), RecordError> {
-    sqlx::query(
-        "INSERT INTO dicom_instances (instance_key, series_key, study_key, patient_ref, sop_class_uid, transfer_syntax_uid, \
-         modality, study_date, series_number, instance_number, header, stored_at, deid_study_key, deid_series_key, deid_instance_key) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-         ON CONFLICT (instance_key) DO UPDATE SET series_key = excluded.series_key, study_key = excluded.study_key, \
-         patient_ref = excluded.patient_ref, sop_class_uid = excluded.sop_class_uid, \
-         transfer_syntax_uid = excluded.transfer_syntax_uid, modality = excluded.modality, \
-         study_date = excluded.study_date, series_number = excluded.series_number, \
-         instance_number = excluded.instance_number, header = excluded.header, stored_at = excluded.stored_at, \
-         deid_study_key = excluded.deid_study_key, deid_series_key = excluded.deid_series_key, \
-         deid_instance_key = excluded.deid_instance_key",
-    )
-    .bind(&dicom.instance_key)
-    .bind(&dicom.series_key)
-    .bind(&dicom.study_key)
-    .bind(patient_ref)
-    .bind(&dicom.sop_class_uid)
-    .bind(&dicom.transfer_syntax_uid)
-    .bind(dicom.modality.as_deref())
-    .bind(dicom.study_date)
-    .bind(dicom.series_number)
-    .bind(dicom.instance_number)
-    .bind(dicom.header.as_slice())
-    .bind(stored_at)
-    .bind(&dicom.deidentified_keys.study_key)
-    .bind(&dicom.deidentified_keys.series_key)
-    .bind(&dicom.deidentified_keys.instance_key)
-    .execute(&mut *connection)
-    .await?;
-    add_study_tokens(connection, dicom).await
+    shared: &'static SharedParameterStatements,
+    bind: impl Fn(AnyQuery<'q>) -> AnyQuery<'q>,
+) -> Result<(), sqlx::Error> {
+    if connection.backend_name() == SQLITE_BACKEND {
+        bind(sqlx::query(&shared.joined))
+            .execute(&mut *connection)
+            .await?;
+        return Ok(());
+    }
+    for statement in &shared.statements {
+        bind(sqlx::query(statement))
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Binds the parameters of [`INSERT_RECORD`], [`UPSERT_RECORD_HEAD`] and, for an instance,
+/// [`UPSERT_DICOM_INSTANCE`].
+fn bind_version_row<'q>(
+    query: AnyQuery<'q>,
+    row: &'q RowWrite,
+    written: &WrittenRow,
+) -> AnyQuery<'q> {
+    let query = query
+        .bind(&row.resource_type)
+        .bind(&row.resource_id)
+        .bind(written.version)
+        .bind(&row.patient_ref)
+        .bind(written.last_updated)
+        .bind(i64::from(row.deleted))
+        .bind(&row.content_type)
+        .bind(row.inline_body.as_deref())
+        .bind(row.blob_key.as_deref());
+    let Some(dicom) = &row.dicom else {
+        return query;
+    };
+    query
+        .bind(&dicom.instance_key)
+        .bind(&dicom.series_key)
+        .bind(&dicom.study_key)
+        .bind(&row.patient_ref)
+        .bind(&dicom.sop_class_uid)
+        .bind(&dicom.transfer_syntax_uid)
+        .bind(dicom.modality.as_deref())
+        .bind(dicom.study_date)
+        .bind(dicom.series_number)
+        .bind(dicom.instance_number)
+        .bind(dicom.header.as_slice())
+        .bind(written.last_updated)
+        .bind(&dicom.deidentified_keys.study_key)
+        .bind(&dicom.deidentified_keys.series_key)
+        .bind(&dicom.deidentified_keys.instance_key)
 }
 
 /// Adds the tokens the study does not have yet, in one statement. Most instances of a study
