@@ -8,6 +8,8 @@ use sqlx::AnyConnection;
 use super::JournalError;
 use super::draft::{AuditDraft, JournalIdentity, to_event};
 use super::store;
+use crate::storage::Engine;
+use crate::storage::statement::AnyQuery;
 
 /// Rows per multi-row INSERT (well below SQLite's and PostgreSQL's parameter limits).
 const LEAF_ROWS_PER_STATEMENT: usize = 200;
@@ -73,7 +75,7 @@ pub async fn append_leaves(
     let batch = next.append_batch(&hashes)?;
     let fits_one_query = leaves.len() <= LEAF_ROWS_PER_STATEMENT
         && batch.nodes.len() <= NODE_ROWS_PER_STATEMENT
-        && connection.backend_name() == SQLITE_BACKEND;
+        && Engine::of_connection(connection) == Engine::Sqlite;
     if fits_one_query {
         append_in_one_query(connection, first_index, leaves, &batch.nodes, &next).await?;
     } else {
@@ -85,15 +87,10 @@ pub async fn append_leaves(
     Ok(first_index)
 }
 
-/// The engine name sqlx's `Any` driver gives SQLite connections.
-const SQLITE_BACKEND: &str = "SQLite";
-
 const INSERT_LEAVES: &str = "INSERT INTO audit_leaves (leaf_index, leaf, recorded_at, patient_ref, agent_id, event_code, outcome) VALUES ";
 const LEAF_COLUMNS: usize = 7;
 const INSERT_NODES: &str = "INSERT INTO audit_nodes (level, node_index, hash) VALUES ";
 const NODE_COLUMNS: usize = 3;
-
-type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// Leaves, nodes and head as one multi-statement query: one round trip to SQLite's connection
 /// thread instead of three (SQLite numbers placeholders across the statements of one query).

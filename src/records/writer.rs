@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::RecordError;
 use super::search_index::{DICOM_STUDY, IndexRows, TokenRow};
 use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
-use crate::storage::Database;
-use crate::storage::statement::{BindValue, Statement};
+use crate::storage::statement::{AnyQuery, BindValue, Statement};
+use crate::storage::{Database, Engine};
 
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 512;
@@ -351,13 +351,13 @@ const UPSERT_RECORD_HEAD: &str = "INSERT INTO record_heads (resource_type, resou
      ON CONFLICT (resource_type, resource_id) DO UPDATE SET version = excluded.version, \
      deleted = excluded.deleted, patient_ref = excluded.patient_ref, last_updated = excluded.last_updated";
 
-/// An instance's imaging index row (replacing the previous version's). Parameters `$10`–`$24`,
-/// after those of [`INSERT_RECORD`]: instance, series and study keys, patient, SOP class,
-/// transfer syntax, modality, study date, series number, instance number, sealed header, stored
-/// at, and the de-identified study, series and instance keys.
+/// An instance's imaging index row (replacing the previous version's), after the parameters of
+/// [`INSERT_RECORD`] (its patient `$4` and, as the time stored, `$5`). Parameters `$10`–`$22`:
+/// instance, series and study keys, SOP class, transfer syntax, modality, study date, series
+/// number, instance number, sealed header, and the de-identified study, series and instance keys.
 const UPSERT_DICOM_INSTANCE: &str = "INSERT INTO dicom_instances (instance_key, series_key, study_key, patient_ref, sop_class_uid, transfer_syntax_uid, \
      modality, study_date, series_number, instance_number, header, stored_at, deid_study_key, deid_series_key, deid_instance_key) \
-     VALUES ($10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24) \
+     VALUES ($10, $11, $12, $4, $13, $14, $15, $16, $17, $18, $19, $5, $20, $21, $22) \
      ON CONFLICT (instance_key) DO UPDATE SET series_key = excluded.series_key, study_key = excluded.study_key, \
      patient_ref = excluded.patient_ref, sop_class_uid = excluded.sop_class_uid, \
      transfer_syntax_uid = excluded.transfer_syntax_uid, modality = excluded.modality, \
@@ -365,9 +365,6 @@ const UPSERT_DICOM_INSTANCE: &str = "INSERT INTO dicom_instances (instance_key, 
      instance_number = excluded.instance_number, header = excluded.header, stored_at = excluded.stored_at, \
      deid_study_key = excluded.deid_study_key, deid_series_key = excluded.deid_series_key, \
      deid_instance_key = excluded.deid_instance_key";
-
-/// The engine name sqlx's `Any` driver gives SQLite connections.
-const SQLITE_BACKEND: &str = "SQLite";
 
 async fn write_row(
     connection: &mut AnyConnection,
@@ -393,10 +390,11 @@ async fn write_row(
         Some(_) => &*DICOM_VERSION_ROW,
         None => &*VERSION_ROW,
     };
-    execute_sharing_parameters(connection, statements, |query| {
-        bind_version_row(query, row, &written)
-    })
-    .await?;
+    // One round trip for all of them (on SQLite, to the connection's thread).
+    let sql = statements.for_engine(Engine::of_connection(connection));
+    bind_version_row(sqlx::query(sql), row, &written)
+        .execute(&mut *connection)
+        .await?;
     if current.is_some() {
         remove_index(connection, row).await?;
     }
@@ -406,54 +404,49 @@ async fn write_row(
     Ok(written)
 }
 
-type AnyQuery<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
-
-/// Statements whose placeholders number into one shared parameter list, with the
-/// multi-statement text SQLite runs them as.
+/// Statements whose placeholders number into one shared parameter list, as the one query each
+/// engine runs them as: SQLite binds `$N` by number across the statements of a multi-statement
+/// query; PostgreSQL takes one statement per query, so there all but the last become
+/// data-modifying `WITH` steps of the last.
 struct SharedParameterStatements {
-    statements: Vec<&'static str>,
-    joined: String,
+    sqlite: String,
+    postgres: String,
 }
 
 impl SharedParameterStatements {
-    fn new(statements: &[&'static str]) -> Self {
+    /// `steps` run first, `last` last (the order SQLite runs them in; PostgreSQL runs all
+    /// against one snapshot, which these statements on different tables do not notice).
+    fn new(steps: &[&str], last: &str) -> Self {
+        let with: Vec<String> = steps
+            .iter()
+            .enumerate()
+            .map(|(position, step)| format!("step{position} AS ({step})"))
+            .collect();
+        let mut sqlite = steps.join(";\n");
+        sqlite.push_str(";\n");
+        sqlite.push_str(last);
         Self {
-            statements: statements.to_vec(),
-            joined: statements.join(";\n"),
+            sqlite,
+            postgres: format!("WITH {} {last}", with.join(", ")),
+        }
+    }
+
+    fn for_engine(&self, engine: Engine) -> &str {
+        match engine {
+            Engine::Sqlite => &self.sqlite,
+            Engine::Postgres => &self.postgres,
         }
     }
 }
 
 /// A version row and its head.
 static VERSION_ROW: LazyLock<SharedParameterStatements> =
-    LazyLock::new(|| SharedParameterStatements::new(&[INSERT_RECORD, UPSERT_RECORD_HEAD]));
+    LazyLock::new(|| SharedParameterStatements::new(&[INSERT_RECORD], UPSERT_RECORD_HEAD));
 
 /// A DICOM instance's version row, its head and its imaging index row.
 static DICOM_VERSION_ROW: LazyLock<SharedParameterStatements> = LazyLock::new(|| {
-    SharedParameterStatements::new(&[INSERT_RECORD, UPSERT_RECORD_HEAD, UPSERT_DICOM_INSTANCE])
+    SharedParameterStatements::new(&[INSERT_RECORD, UPSERT_RECORD_HEAD], UPSERT_DICOM_INSTANCE)
 });
-
-/// Runs statements that share one parameter list: on SQLite as one multi-statement query (one
-/// round trip to the connection's thread instead of one each); on PostgreSQL, which takes one
-/// statement per query, one by one, each declaring every parameter.
-async fn execute_sharing_parameters<'q>(
-    connection: &mut AnyConnection,
-    shared: &'static SharedParameterStatements,
-    bind: impl Fn(AnyQuery<'q>) -> AnyQuery<'q>,
-) -> Result<(), sqlx::Error> {
-    if connection.backend_name() == SQLITE_BACKEND {
-        bind(sqlx::query(&shared.joined))
-            .execute(&mut *connection)
-            .await?;
-        return Ok(());
-    }
-    for statement in &shared.statements {
-        bind(sqlx::query(statement))
-            .execute(&mut *connection)
-            .await?;
-    }
-    Ok(())
-}
 
 /// Binds the parameters of [`INSERT_RECORD`], [`UPSERT_RECORD_HEAD`] and, for an instance,
 /// [`UPSERT_DICOM_INSTANCE`].
@@ -479,7 +472,6 @@ fn bind_version_row<'q>(
         .bind(&dicom.instance_key)
         .bind(&dicom.series_key)
         .bind(&dicom.study_key)
-        .bind(&row.patient_ref)
         .bind(&dicom.sop_class_uid)
         .bind(&dicom.transfer_syntax_uid)
         .bind(dicom.modality.as_deref())
@@ -487,7 +479,6 @@ fn bind_version_row<'q>(
         .bind(dicom.series_number)
         .bind(dicom.instance_number)
         .bind(dicom.header.as_slice())
-        .bind(written.last_updated)
         .bind(&dicom.deidentified_keys.study_key)
         .bind(&dicom.deidentified_keys.series_key)
         .bind(&dicom.deidentified_keys.instance_key)

@@ -61,6 +61,14 @@ pub enum Engine {
 }
 
 impl Engine {
+    /// The engine behind a connection of sqlx's `Any` driver.
+    pub fn of_connection(connection: &sqlx::AnyConnection) -> Self {
+        match connection.backend_name() {
+            "SQLite" => Self::Sqlite,
+            _ => Self::Postgres,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Sqlite => "sqlite",

@@ -5,6 +5,9 @@ use sqlx::any::AnyArguments;
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AnyPool};
 
+/// A query of sqlx's `Any` driver, as its binders take and return it.
+pub type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
+
 /// One bound value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BindValue {
