@@ -48,26 +48,54 @@ impl PendingLeaf {
     }
 }
 
-/// Takes the journal head row for this transaction (the first write of every batch, so batches
-/// serialize on it on both engines) and returns the appender state it holds.
+/// The statement that takes the journal head row: the first write of every batch, so batches
+/// serialize on it on both engines.
+const LOCK_HEAD: &str =
+    "UPDATE journal_head SET batches = batches + 1 WHERE id = 1 RETURNING tree_size, frontier";
+
+/// Takes the journal head row for this transaction and returns the appender state it holds.
 pub async fn lock_head(connection: &mut AnyConnection) -> Result<CompactRange, JournalError> {
-    let row = sqlx::query(
-        "UPDATE journal_head SET batches = batches + 1 WHERE id = 1 RETURNING tree_size, frontier",
-    )
-    .fetch_one(&mut *connection)
-    .await?;
+    let row = sqlx::query(LOCK_HEAD).fetch_one(&mut *connection).await?;
     store::head_of_row(connection, &row).await
 }
 
+/// SQLite: begins a transaction and takes the journal head row in one query (one round trip
+/// to the connection's thread). The transaction is the caller's to end: [`Finish::Commit`] on
+/// the append, or `ROLLBACK`.
+pub async fn begin_and_lock_head(
+    connection: &mut AnyConnection,
+) -> Result<CompactRange, JournalError> {
+    // `fetch_all`, not `fetch_one`: a query stopped at its first row would not run on.
+    let rows = sqlx::query(&format!("BEGIN IMMEDIATE;\n{LOCK_HEAD}"))
+        .fetch_all(&mut *connection)
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| JournalError::Damaged("the journal head row is missing".to_owned()))?;
+    store::head_of_row(connection, row).await
+}
+
+/// How the append leaves the transaction it ran in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Open, for the caller to commit.
+    LeaveOpen,
+    /// Committed (SQLite, in the append's last query when it fits one).
+    Commit,
+}
+
 /// Appends `leaves` after `range` inside the caller's transaction: leaf rows, completed nodes,
-/// and the new head. Returns the index of the first appended leaf. On error `range` is unchanged.
+/// and the new head; then ends the transaction as `finish` says. Returns the index of the first
+/// appended leaf. On error `range` is unchanged.
 pub async fn append_leaves(
     connection: &mut AnyConnection,
     range: &mut CompactRange,
     leaves: &[PendingLeaf],
+    finish: Finish,
 ) -> Result<u64, JournalError> {
     let first_index = range.size();
     if leaves.is_empty() {
+        end_transaction(connection, finish).await?;
         return Ok(first_index);
     }
     let hashes: Vec<Hash> = leaves.iter().map(|leaf| leaf.hash).collect();
@@ -77,14 +105,25 @@ pub async fn append_leaves(
         && batch.nodes.len() <= NODE_ROWS_PER_STATEMENT
         && Engine::of_connection(connection) == Engine::Sqlite;
     if fits_one_query {
-        append_in_one_query(connection, first_index, leaves, &batch.nodes, &next).await?;
+        append_in_one_query(connection, first_index, leaves, &batch.nodes, &next, finish).await?;
     } else {
         insert_leaf_rows(connection, first_index, leaves).await?;
         insert_node_rows(connection, &batch.nodes).await?;
         store_head(connection, &next).await?;
+        end_transaction(connection, finish).await?;
     }
     *range = next;
     Ok(first_index)
+}
+
+async fn end_transaction(
+    connection: &mut AnyConnection,
+    finish: Finish,
+) -> Result<(), JournalError> {
+    if finish == Finish::Commit {
+        sqlx::query("COMMIT").execute(&mut *connection).await?;
+    }
+    Ok(())
 }
 
 const INSERT_LEAVES: &str = "INSERT INTO audit_leaves (leaf_index, leaf, recorded_at, patient_ref, agent_id, event_code, outcome) VALUES ";
@@ -92,14 +131,16 @@ const LEAF_COLUMNS: usize = 7;
 const INSERT_NODES: &str = "INSERT INTO audit_nodes (level, node_index, hash) VALUES ";
 const NODE_COLUMNS: usize = 3;
 
-/// Leaves, nodes and head as one multi-statement query: one round trip to SQLite's connection
-/// thread instead of three (SQLite numbers placeholders across the statements of one query).
+/// Leaves, nodes, head (and the commit) as one multi-statement query: one round trip to SQLite's
+/// connection thread instead of three or four (SQLite numbers placeholders across the statements
+/// of one query).
 async fn append_in_one_query(
     connection: &mut AnyConnection,
     first_index: u64,
     leaves: &[PendingLeaf],
     nodes: &[StoredNode],
     head: &CompactRange,
+    finish: Finish,
 ) -> Result<(), JournalError> {
     let mut sql = multi_row_insert_from(INSERT_LEAVES, LEAF_COLUMNS, leaves.len(), 1);
     let mut next_parameter = 1 + LEAF_COLUMNS * leaves.len();
@@ -118,6 +159,9 @@ async fn append_in_one_query(
         next_parameter,
         next_parameter + 1
     ));
+    if finish == Finish::Commit {
+        sql.push_str(";\nCOMMIT");
+    }
     let query = bind_leaf_rows(sqlx::query(&sql), first_index, leaves)?;
     let query = bind_node_rows(query, nodes)?;
     let (tree_size, frontier) = head_values(head)?;

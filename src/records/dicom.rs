@@ -22,7 +22,7 @@ use sqlx::Row;
 
 use super::search_index::{
     DICOM_INSTANCE, DICOM_STUDY, IndexRows, TokenRow, dicom_exact_token, dicom_prefix_token,
-    dicom_token_rows, patient_identifier_token,
+    dicom_token_rows,
 };
 use super::stored_study_tokens::TokenFingerprint;
 use super::writer::{DeidentifiedKeys, DicomInstanceRow, Precondition};
@@ -338,15 +338,8 @@ impl Records {
         let Some(patient_id) = attributes.patient_id.as_deref() else {
             return Ok(self.vault.patient_ref(None));
         };
-        let token = patient_identifier_token(self.vault.blind_index(), patient_id);
-        let owners: Vec<(String,)> = sqlx::query_as(
-            "SELECT DISTINCT resource_id FROM search_tokens WHERE token = $1 AND resource_type = 'Patient' AND param = 'identifier' LIMIT 2",
-        )
-        .bind(token)
-        .fetch_all(self.database.pool())
-        .await?;
-        if let [(fhir_patient,)] = owners.as_slice() {
-            return Ok(self.vault.patient_ref(Some(fhir_patient)));
+        if let Some(fhir_patient) = self.fhir_patient_with_identifier(patient_id).await? {
+            return Ok(self.vault.patient_ref(Some(&fhir_patient)));
         }
         let issuer = attributes
             .issuer_of_patient_id

@@ -11,6 +11,7 @@ use glastonbury_dicom::json;
 use serde_json::{Value, json as json_value};
 use sqlx::Row;
 
+use super::patient_owners::RememberedOwner;
 use super::search_index::{DICOM_INSTANCE, patient_identifier_token};
 use super::writer::Precondition;
 use super::{PreparedWrite, RecordBody, RecordError, RecordKey, Records};
@@ -121,21 +122,27 @@ impl Records {
     }
 
     /// The FHIR Patient whose identifier (any system) is `value`, when exactly one has it.
-    async fn fhir_patient_with_identifier(
+    pub(super) async fn fhir_patient_with_identifier(
         &self,
         value: &str,
     ) -> Result<Option<String>, RecordError> {
         let token = patient_identifier_token(self.vault.blind_index(), value);
+        let started = match self.patient_owners.recall(&token) {
+            RememberedOwner::Known(owner) => return Ok(owner),
+            RememberedOwner::Unknown(started) => started,
+        };
         let owners: Vec<(String,)> = sqlx::query_as(
             "SELECT DISTINCT resource_id FROM search_tokens WHERE token = $1 AND resource_type = 'Patient' AND param = 'identifier' LIMIT 2",
         )
-        .bind(token)
+        .bind(&token)
         .fetch_all(self.database.pool())
         .await?;
-        Ok(match owners.as_slice() {
+        let owner = match owners.as_slice() {
             [(id,)] => Some(id.clone()),
             _ => None,
-        })
+        };
+        self.patient_owners.remember(&token, owner.clone(), started);
+        Ok(owner)
     }
 
     /// The study a stored DICOM instance belongs to (its keyed hash).

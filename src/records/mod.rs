@@ -6,6 +6,7 @@ pub mod bulk_export;
 pub mod dicom;
 pub mod egress;
 pub mod imaging_study;
+pub mod patient_owners;
 pub mod search;
 pub mod search_index;
 pub mod stored_study_tokens;
@@ -221,6 +222,9 @@ pub struct Records {
     deidentification: Arc<access::deidentification::DeidentificationPolicies>,
     /// Studies whose identifying-attribute tokens this process has committed.
     stored_study_tokens: stored_study_tokens::StoredStudyTokens,
+    /// The FHIR Patient of each patient identifier looked up (SQLite only; the writer forgets
+    /// them when it writes a Patient).
+    patient_owners: Arc<patient_owners::PatientOwners>,
 }
 
 impl Records {
@@ -232,7 +236,8 @@ impl Records {
         authorizer: Authorizer,
         deidentification: Arc<access::deidentification::DeidentificationPolicies>,
     ) -> Self {
-        let writer = Writer::start(database.clone(), identity);
+        let patient_owners = Arc::new(patient_owners::PatientOwners::for_engine(database.engine()));
+        let writer = Writer::start(database.clone(), identity, Arc::clone(&patient_owners));
         let (stored_events, _) = broadcast::channel(1024);
         Self {
             database,
@@ -246,6 +251,7 @@ impl Records {
             export_expiry_seconds: bulk_export::DEFAULT_EXPORT_EXPIRY_SECONDS,
             deidentification,
             stored_study_tokens: stored_study_tokens::StoredStudyTokens::default(),
+            patient_owners,
         }
     }
 

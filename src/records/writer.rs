@@ -10,6 +10,7 @@ use sqlx::{Any, AnyConnection, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::RecordError;
+use super::patient_owners::PatientOwners;
 use super::search_index::{DICOM_STUDY, IndexRows, TokenRow};
 use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
 use crate::storage::statement::{AnyQuery, BindValue, Statement};
@@ -89,6 +90,16 @@ pub struct WriteUnit {
     pub audit: Vec<AuditDraft>,
 }
 
+impl WriteUnit {
+    /// Whether the unit writes a Patient (whose identifiers link DICOM patients to it).
+    fn writes_patients(&self) -> bool {
+        self.rows.iter().any(|row| row.resource_type == PATIENT)
+    }
+}
+
+/// The resource type whose identifier tokens [`PatientOwners`] remembers owners of.
+const PATIENT: &str = "Patient";
+
 /// The version and time each row of a unit got.
 #[derive(Debug, Clone)]
 pub struct WrittenRow {
@@ -124,10 +135,14 @@ impl std::fmt::Debug for Job {
 }
 
 impl Writer {
-    /// Starts the group-commit task.
-    pub fn start(database: Database, identity: JournalIdentity) -> Self {
+    /// Starts the group-commit task; it makes `patient_owners` forget after writing a Patient.
+    pub fn start(
+        database: Database,
+        identity: JournalIdentity,
+        patient_owners: Arc<PatientOwners>,
+    ) -> Self {
         let (sender, receiver) = mpsc::channel(4096);
-        tokio::spawn(run(database, Arc::new(identity), receiver));
+        tokio::spawn(run(database, Arc::new(identity), patient_owners, receiver));
         Self { sender }
     }
 
@@ -145,6 +160,7 @@ impl Writer {
 async fn run(
     database: Database,
     identity: Arc<JournalIdentity>,
+    patient_owners: Arc<PatientOwners>,
     mut receiver: mpsc::Receiver<Job>,
 ) {
     // The writer keeps one connection for itself: on SQLite its page cache then stays valid
@@ -174,17 +190,22 @@ async fn run(
         }
         let held = match connection.take() {
             Some(held) if last_batch.elapsed() < TRUST_HELD_CONNECTION => Ok(held),
-            Some(held) => checked_or_fresh(database.pool(), held).await,
-            None => database.pool().acquire().await,
+            Some(held) => checked_or_fresh(&database, held).await,
+            None => writer_connection(&database).await,
         };
         last_batch = Instant::now();
         connection = match held {
             Ok(mut held) => {
-                let committed = commit_batch(&mut held, &identity, batch).await;
+                let committed = commit_batch(&mut held, &identity, &patient_owners, batch).await;
                 if committed {
                     database.note_commit();
+                    Some(held)
+                } else {
+                    // It may still be inside the failed batch's transaction (on SQLite one sqlx
+                    // does not know of): closed, not handed back to the pool.
+                    held.close_on_drop();
+                    None
                 }
-                committed.then_some(held)
             }
             Err(error) => {
                 fail_replies(batch.into_iter().map(|job| job.reply).collect(), &error);
@@ -194,10 +215,10 @@ async fn run(
     }
 }
 
-/// The held connection, after a ping, or a fresh one from the pool when the ping fails (a
-/// PostgreSQL server restarted while the writer was idle).
+/// The held connection, after a ping, or a fresh one when the ping fails (a PostgreSQL server
+/// restarted while the writer was idle).
 async fn checked_or_fresh(
-    pool: &sqlx::AnyPool,
+    database: &Database,
     mut held: PoolConnection<Any>,
 ) -> Result<PoolConnection<Any>, sqlx::Error> {
     if held.ping().await.is_ok() {
@@ -205,8 +226,25 @@ async fn checked_or_fresh(
     }
     held.close_on_drop();
     drop(held);
-    pool.acquire().await
+    writer_connection(database).await
 }
+
+/// A pool connection for the writer to hold. On SQLite its page cache is made small: profiles
+/// of C-STORE showed every commit ending in a scan of the whole cache's hash table
+/// (`pager_end_transaction` → `pcache1TruncateUnsafe`), about 4% of the server's CPU with the
+/// pool's 32 MiB cache and under 0.2% with 2 MiB, which still holds what a commit walks.
+async fn writer_connection(database: &Database) -> Result<PoolConnection<Any>, sqlx::Error> {
+    let mut connection = database.pool().acquire().await?;
+    if database.engine() == Engine::Sqlite {
+        sqlx::query(WRITER_SQLITE_CACHE)
+            .execute(&mut *connection)
+            .await?;
+    }
+    Ok(connection)
+}
+
+/// The writer's SQLite page cache: 2 MiB.
+const WRITER_SQLITE_CACHE: &str = "PRAGMA cache_size = -2048";
 
 /// Answers every job of a batch that failed as a whole with the storage error.
 fn fail_replies(replies: Vec<Reply>, error: &sqlx::Error) {
@@ -223,11 +261,18 @@ fn fail_replies(replies: Vec<Reply>, error: &sqlx::Error) {
 async fn commit_batch(
     connection: &mut AnyConnection,
     identity: &JournalIdentity,
+    patient_owners: &PatientOwners,
     batch: Vec<Job>,
 ) -> bool {
     let (units, replies): (Vec<WriteUnit>, Vec<_>) =
         batch.into_iter().map(|job| (job.unit, job.reply)).unzip();
-    match run_batch_transaction(connection, identity, &units).await {
+    let outcome = run_batch_transaction(connection, identity, &units).await;
+    // Before anyone hears of the commit (a failure may have committed too): owners remembered
+    // before it, or looked up while it ran, must not be used after it.
+    if units.iter().any(WriteUnit::writes_patients) {
+        patient_owners.forget_all();
+    }
+    match outcome {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(outcome);
@@ -246,12 +291,88 @@ async fn run_batch_transaction(
     identity: &JournalIdentity,
     units: &[WriteUnit],
 ) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
+    match Engine::of_connection(connection) {
+        Engine::Sqlite => run_batch_in_folded_transaction(connection, identity, units).await,
+        Engine::Postgres => run_batch_in_sqlx_transaction(connection, identity, units).await,
+    }
+}
+
+/// SQLite: `BEGIN` goes in one query with the journal head lock and `COMMIT` in one with the
+/// journal append, two round trips to the connection's thread fewer than sqlx's `Transaction`.
+/// sqlx does not know of this transaction, so a batch that fails leaves it to the caller, which
+/// closes the connection (SQLite rolls back what a closed connection left uncommitted).
+async fn run_batch_in_folded_transaction(
+    connection: &mut AnyConnection,
+    identity: &JournalIdentity,
+    units: &[WriteUnit],
+) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
+    let mut tree = journal::begin_and_lock_head(connection)
+        .await
+        .map_err(journal_to_sqlx)?;
+    match apply_units(connection, identity, units, tree.size()).await? {
+        Applied::Units { outcomes, leaves } => {
+            journal::append_leaves(connection, &mut tree, &leaves, journal::Finish::Commit)
+                .await
+                .map_err(journal_to_sqlx)?;
+            Ok(outcomes)
+        }
+        Applied::LoneUnitFailed(error) => {
+            sqlx::query("ROLLBACK").execute(&mut *connection).await?;
+            Ok(vec![Err(error)])
+        }
+    }
+}
+
+/// PostgreSQL: one statement per query, so the transaction is sqlx's.
+async fn run_batch_in_sqlx_transaction(
+    connection: &mut AnyConnection,
+    identity: &JournalIdentity,
+    units: &[WriteUnit],
+) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
     let mut transaction = connection.begin().await?;
-    // Taking the journal head row first makes this the writer (SQLite) or serializes the batch
-    // against other replicas' batches (PostgreSQL) before anything is read.
+    // Taking the journal head row first serializes the batch against other replicas' batches
+    // before anything is read.
     let mut tree = journal::lock_head(&mut transaction)
         .await
         .map_err(journal_to_sqlx)?;
+    match apply_units(&mut transaction, identity, units, tree.size()).await? {
+        Applied::Units { outcomes, leaves } => {
+            journal::append_leaves(
+                &mut transaction,
+                &mut tree,
+                &leaves,
+                journal::Finish::LeaveOpen,
+            )
+            .await
+            .map_err(journal_to_sqlx)?;
+            transaction.commit().await?;
+            Ok(outcomes)
+        }
+        Applied::LoneUnitFailed(error) => {
+            transaction.rollback().await?;
+            Ok(vec![Err(error)])
+        }
+    }
+}
+
+/// What a batch's units did inside its transaction.
+enum Applied {
+    /// Each unit's outcome (a failed one undone to its savepoint) and the leaves to append.
+    Units {
+        outcomes: Vec<Result<UnitReceipt, RecordError>>,
+        leaves: Vec<PendingLeaf>,
+    },
+    /// The batch's only unit failed: the transaction is to be rolled back.
+    LoneUnitFailed(RecordError),
+}
+
+/// Applies each unit in the open transaction, after the journal's `tree_size` leaves.
+async fn apply_units(
+    connection: &mut AnyConnection,
+    identity: &JournalIdentity,
+    units: &[WriteUnit],
+    tree_size: u64,
+) -> Result<Applied, sqlx::Error> {
     let mut outcomes = Vec::with_capacity(units.len());
     let mut leaves: Vec<PendingLeaf> = Vec::new();
     let alone = units.len() == 1;
@@ -259,48 +380,41 @@ async fn run_batch_transaction(
         if unit.rows.is_empty() || alone {
             // Audit-only units write nothing that could fail halfway, and a unit alone in its
             // batch is undone with the transaction: neither needs a savepoint.
-            match apply_unit(&mut transaction, identity, unit).await {
+            match apply_unit(connection, identity, unit).await {
                 Ok((mut receipt, unit_leaves)) => {
-                    receipt.first_leaf_index = tree.size() + leaves.len() as u64;
+                    receipt.first_leaf_index = tree_size + leaves.len() as u64;
                     leaves.extend(unit_leaves);
                     outcomes.push(Ok(receipt));
                 }
-                Err(error) if alone => {
-                    transaction.rollback().await?;
-                    return Ok(vec![Err(error)]);
-                }
+                Err(error) if alone => return Ok(Applied::LoneUnitFailed(error)),
                 Err(error) => outcomes.push(Err(error)),
             }
             continue;
         }
         sqlx::query("SAVEPOINT unit")
-            .execute(&mut *transaction)
+            .execute(&mut *connection)
             .await?;
-        match apply_unit(&mut transaction, identity, unit).await {
+        match apply_unit(connection, identity, unit).await {
             Ok((mut receipt, unit_leaves)) => {
                 sqlx::query("RELEASE SAVEPOINT unit")
-                    .execute(&mut *transaction)
+                    .execute(&mut *connection)
                     .await?;
-                receipt.first_leaf_index = tree.size() + leaves.len() as u64;
+                receipt.first_leaf_index = tree_size + leaves.len() as u64;
                 leaves.extend(unit_leaves);
                 outcomes.push(Ok(receipt));
             }
             Err(error) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT unit")
-                    .execute(&mut *transaction)
+                    .execute(&mut *connection)
                     .await?;
                 sqlx::query("RELEASE SAVEPOINT unit")
-                    .execute(&mut *transaction)
+                    .execute(&mut *connection)
                     .await?;
                 outcomes.push(Err(error));
             }
         }
     }
-    journal::append_leaves(&mut transaction, &mut tree, &leaves)
-        .await
-        .map_err(journal_to_sqlx)?;
-    transaction.commit().await?;
-    Ok(outcomes)
+    Ok(Applied::Units { outcomes, leaves })
 }
 
 fn journal_to_sqlx(error: journal::JournalError) -> sqlx::Error {

@@ -901,6 +901,61 @@ fn shredding_a_patient_makes_their_instances_and_headers_unreadable() {
 }
 
 #[test]
+fn an_instance_stored_after_its_patient_is_registered_in_fhir_belongs_to_that_patient() {
+    let gateway = Gateway::start();
+    let mr = identity("MR_small.dcm");
+    let metadata_status = || {
+        gateway
+            .client
+            .get(gateway.dicomweb(&format!("studies/{}/metadata", mr.study_instance_uid)))
+            .bearer_auth(&gateway.reader_token)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // Stored while no FHIR Patient has its PatientID: a DICOM-only patient owns it.
+    assert_eq!(
+        gateway
+            .stow(&gateway.writer_token, "studies", &[read("MR_small.dcm")])
+            .0,
+        200
+    );
+    let fhir_token = gateway.server.token_for("clinician", &["system/Patient.c"]);
+    let created = gateway
+        .client
+        .post(format!("{}/fhir/Patient", gateway.server.base_url))
+        .bearer_auth(&fhir_token)
+        .header("content-type", "application/fhir+json")
+        .body(r#"{"resourceType":"Patient","identifier":[{"value":"4MR1"}]}"#)
+        .send()
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let patient: Value = created.json().unwrap();
+    let patient_id = patient["id"].as_str().unwrap().to_owned();
+    // Sent again once the Patient exists: the new version is the FHIR Patient's.
+    assert_eq!(
+        gateway
+            .stow(&gateway.writer_token, "studies", &[read("MR_small.dcm")])
+            .0,
+        200
+    );
+    assert_eq!(metadata_status(), 200);
+
+    let output = gateway.server.command(&["patient", "shred", &patient_id]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        metadata_status(),
+        410,
+        "the instance stored after the Patient was registered is under that Patient's key"
+    );
+}
+
+#[test]
 fn offline_deidentification_is_complete_and_leaves_its_input_alone() {
     let scratch = tempfile::tempdir().unwrap();
     let input = scratch.path().join("in");
