@@ -48,31 +48,15 @@ impl PendingLeaf {
     }
 }
 
-/// The statement that takes the journal head row: the first write of every batch, so batches
-/// serialize on it on both engines.
-const LOCK_HEAD: &str =
+/// The statement that takes the journal head row (returning its tree size and frontier): the
+/// first write of every batch, so batches serialize on it on both engines.
+pub const LOCK_HEAD: &str =
     "UPDATE journal_head SET batches = batches + 1 WHERE id = 1 RETURNING tree_size, frontier";
 
 /// Takes the journal head row for this transaction and returns the appender state it holds.
 pub async fn lock_head(connection: &mut AnyConnection) -> Result<CompactRange, JournalError> {
     let row = sqlx::query(LOCK_HEAD).fetch_one(&mut *connection).await?;
     store::head_of_row(connection, &row).await
-}
-
-/// SQLite: begins a transaction and takes the journal head row in one query (one round trip
-/// to the connection's thread). The transaction is the caller's to end: [`Finish::Commit`] on
-/// the append, or `ROLLBACK`.
-pub async fn begin_and_lock_head(
-    connection: &mut AnyConnection,
-) -> Result<CompactRange, JournalError> {
-    // `fetch_all`, not `fetch_one`: a query stopped at its first row would not run on.
-    let rows = sqlx::query(&format!("BEGIN IMMEDIATE;\n{LOCK_HEAD}"))
-        .fetch_all(&mut *connection)
-        .await?;
-    let row = rows
-        .first()
-        .ok_or_else(|| JournalError::Damaged("the journal head row is missing".to_owned()))?;
-    store::head_of_row(connection, row).await
 }
 
 /// How the append leaves the transaction it ran in.

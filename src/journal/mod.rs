@@ -15,7 +15,7 @@ pub mod query;
 pub mod sealing;
 pub mod store;
 
-pub use append::{Finish, PendingLeaf, append_leaves, begin_and_lock_head, lock_head};
+pub use append::{Finish, LOCK_HEAD, PendingLeaf, append_leaves, lock_head};
 pub use checkpoints::{CheckpointService, SigningKeys};
 pub use draft::{AuditDraft, JournalIdentity, Outcome};
 

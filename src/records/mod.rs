@@ -6,6 +6,7 @@ pub mod bulk_export;
 pub mod dicom;
 pub mod egress;
 pub mod imaging_study;
+mod known_heads;
 pub mod patient_owners;
 pub mod search;
 pub mod search_index;

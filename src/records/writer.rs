@@ -10,6 +10,7 @@ use sqlx::{Any, AnyConnection, Connection, Row};
 use tokio::sync::{mpsc, oneshot};
 
 use super::RecordError;
+use super::known_heads::{self, KnownHeads};
 use super::patient_owners::PatientOwners;
 use super::search_index::{DICOM_STUDY, IndexRows, TokenRow};
 use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
@@ -297,8 +298,9 @@ async fn run_batch_transaction(
     }
 }
 
-/// SQLite: `BEGIN` goes in one query with the journal head lock and `COMMIT` in one with the
-/// journal append, two round trips to the connection's thread fewer than sqlx's `Transaction`.
+/// SQLite: `BEGIN` goes in one query with the journal head lock and the heads of the records
+/// the batch writes, and `COMMIT` in one with the journal append: per batch two round trips to
+/// the connection's thread, and one per row, fewer than with sqlx's `Transaction`.
 /// sqlx does not know of this transaction, so a batch that fails leaves it to the caller, which
 /// closes the connection (SQLite rolls back what a closed connection left uncommitted).
 async fn run_batch_in_folded_transaction(
@@ -306,10 +308,8 @@ async fn run_batch_in_folded_transaction(
     identity: &JournalIdentity,
     units: &[WriteUnit],
 ) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
-    let mut tree = journal::begin_and_lock_head(connection)
-        .await
-        .map_err(journal_to_sqlx)?;
-    match apply_units(connection, identity, units, tree.size()).await? {
+    let (mut tree, mut known) = begin_batch(connection, units).await?;
+    match apply_units(connection, identity, units, tree.size(), &mut known).await? {
         Applied::Units { outcomes, leaves } => {
             journal::append_leaves(connection, &mut tree, &leaves, journal::Finish::Commit)
                 .await
@@ -321,6 +321,42 @@ async fn run_batch_in_folded_transaction(
             Ok(vec![Err(error)])
         }
     }
+}
+
+/// SQLite: begins the batch's transaction, takes the journal head row and reads the heads of the
+/// records the batch writes, in one multi-statement query.
+async fn begin_batch(
+    connection: &mut AnyConnection,
+    units: &[WriteUnit],
+) -> Result<(glastonbury_audit::CompactRange, KnownHeads), sqlx::Error> {
+    let records = KnownHeads::records_of(units.iter().flat_map(|unit| unit.rows.iter()));
+    let mut sql = format!("BEGIN IMMEDIATE;\n{}", journal::LOCK_HEAD);
+    let mut parameters = Vec::new();
+    if !records.is_empty() {
+        let (heads_sql, heads_parameters) = KnownHeads::query_for(&records, 1);
+        sql.push_str(";\n");
+        sql.push_str(&heads_sql);
+        parameters = heads_parameters;
+    }
+    let mut query = sqlx::query(&sql);
+    for parameter in &parameters {
+        query = query.bind(parameter);
+    }
+    // `fetch_all`, not `fetch_one`: a query stopped at its first row would not run on.
+    let rows = query.fetch_all(&mut *connection).await?;
+    // The journal head's row (two columns) comes first, then the record heads (four).
+    let (head_row, record_rows) = match rows.split_first() {
+        Some((head_row, record_rows)) if head_row.len() == 2 => (head_row, record_rows),
+        _ => {
+            return Err(sqlx::Error::Protocol(
+                "the journal head row is missing".to_owned(),
+            ));
+        }
+    };
+    let tree = journal::store::head_of_row(connection, head_row)
+        .await
+        .map_err(journal_to_sqlx)?;
+    Ok((tree, KnownHeads::from_rows(records, record_rows)?))
 }
 
 /// PostgreSQL: one statement per query, so the transaction is sqlx's.
@@ -335,7 +371,8 @@ async fn run_batch_in_sqlx_transaction(
     let mut tree = journal::lock_head(&mut transaction)
         .await
         .map_err(journal_to_sqlx)?;
-    match apply_units(&mut transaction, identity, units, tree.size()).await? {
+    let mut known = KnownHeads::default();
+    match apply_units(&mut transaction, identity, units, tree.size(), &mut known).await? {
         Applied::Units { outcomes, leaves } => {
             journal::append_leaves(
                 &mut transaction,
@@ -372,6 +409,7 @@ async fn apply_units(
     identity: &JournalIdentity,
     units: &[WriteUnit],
     tree_size: u64,
+    known: &mut KnownHeads,
 ) -> Result<Applied, sqlx::Error> {
     let mut outcomes = Vec::with_capacity(units.len());
     let mut leaves: Vec<PendingLeaf> = Vec::new();
@@ -380,7 +418,7 @@ async fn apply_units(
         if unit.rows.is_empty() || alone {
             // Audit-only units write nothing that could fail halfway, and a unit alone in its
             // batch is undone with the transaction: neither needs a savepoint.
-            match apply_unit(connection, identity, unit).await {
+            match apply_unit(connection, identity, unit, known).await {
                 Ok((mut receipt, unit_leaves)) => {
                     receipt.first_leaf_index = tree_size + leaves.len() as u64;
                     leaves.extend(unit_leaves);
@@ -394,7 +432,7 @@ async fn apply_units(
         sqlx::query("SAVEPOINT unit")
             .execute(&mut *connection)
             .await?;
-        match apply_unit(connection, identity, unit).await {
+        match apply_unit(connection, identity, unit, known).await {
             Ok((mut receipt, unit_leaves)) => {
                 sqlx::query("RELEASE SAVEPOINT unit")
                     .execute(&mut *connection)
@@ -410,6 +448,7 @@ async fn apply_units(
                 sqlx::query("RELEASE SAVEPOINT unit")
                     .execute(&mut *connection)
                     .await?;
+                known.forget(&unit.rows);
                 outcomes.push(Err(error));
             }
         }
@@ -426,12 +465,13 @@ async fn apply_unit(
     connection: &mut AnyConnection,
     identity: &JournalIdentity,
     unit: &WriteUnit,
+    known: &mut KnownHeads,
 ) -> Result<(UnitReceipt, Vec<PendingLeaf>), RecordError> {
     let mut rows = Vec::with_capacity(unit.rows.len());
     let mut audit = unit.audit.clone();
     let mut index = PendingIndex::default();
     for (position, row) in unit.rows.iter().enumerate() {
-        let written = write_row(connection, row).await?;
+        let written = write_row(connection, row, known).await?;
         if let Some(draft) = audit.get_mut(position) {
             draft.resource_version = Some(written.version);
         }
@@ -483,17 +523,11 @@ const UPSERT_DICOM_INSTANCE: &str = "INSERT INTO dicom_instances (instance_key, 
 async fn write_row(
     connection: &mut AnyConnection,
     row: &RowWrite,
+    known: &mut KnownHeads,
 ) -> Result<WrittenRow, RecordError> {
-    let head = sqlx::query(
-        "SELECT version, deleted FROM record_heads WHERE resource_type = $1 AND resource_id = $2",
-    )
-    .bind(&row.resource_type)
-    .bind(&row.resource_id)
-    .fetch_optional(&mut *connection)
-    .await?;
-    let current: Option<(i64, bool)> = match head {
-        Some(found) => Some((found.try_get(0)?, found.try_get::<i64, _>(1)? != 0)),
-        None => None,
+    let current = match known.get(row) {
+        Some(head) => head,
+        None => known_heads::read_head(connection, row).await?,
     };
     check_precondition(row.precondition, current)?;
     let written = WrittenRow {
@@ -509,6 +543,7 @@ async fn write_row(
     bind_version_row(sqlx::query(sql), row, &written)
         .execute(&mut *connection)
         .await?;
+    known.wrote(row, written.version);
     if current.is_some() {
         remove_index(connection, row).await?;
     }

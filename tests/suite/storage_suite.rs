@@ -7,7 +7,7 @@ use bytes::Bytes;
 use sqlx::Row;
 
 use glastonbury::access::{self, Principal, Role};
-use glastonbury::records::{Precondition, RecordBody, RecordError};
+use glastonbury::records::{Precondition, RecordBody, RecordError, RecordKey};
 
 use crate::common::{EngineUnderTest, appliance_for, clinician};
 
@@ -239,6 +239,97 @@ async fn concurrent_writers_all_land(engine: EngineUnderTest) {
     appliance.close().await;
 }
 
+async fn a_failed_unit_in_a_batch_leaves_no_version_behind(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let records = Arc::clone(&appliance.records);
+    let principal = clinician();
+    let create = records
+        .authorize::<access::Create>(&principal, "Observation")
+        .await
+        .unwrap();
+    records
+        .create(&create, "taken", body(None, "{}"))
+        .await
+        .unwrap();
+    let update = Arc::new(
+        records
+            .authorize::<access::Update>(&principal, "Observation")
+            .await
+            .unwrap(),
+    );
+    // Units that write `shared` and then fail (their second row must not exist but does), sent
+    // at the same time as units that only update `shared`, so that batches mix both.
+    let mut tasks = Vec::new();
+    for writer in 0..16 {
+        let records = Arc::clone(&records);
+        let update = Arc::clone(&update);
+        tasks.push(tokio::spawn(async move {
+            let mut landed = 0;
+            for round in 0..10 {
+                let text = format!("writer {writer} round {round}");
+                let shared = records
+                    .prepare_store(
+                        &*update,
+                        RecordKey::new("Observation", "shared"),
+                        body(None, &text),
+                        Precondition::None,
+                        "update",
+                        'U',
+                    )
+                    .await
+                    .unwrap();
+                if writer % 2 == 0 {
+                    records.commit(vec![shared]).await.unwrap();
+                    landed += 1;
+                    continue;
+                }
+                let taken = records
+                    .prepare_store(
+                        &*update,
+                        RecordKey::new("Observation", "taken"),
+                        body(None, &text),
+                        Precondition::MustNotExist,
+                        "create",
+                        'C',
+                    )
+                    .await
+                    .unwrap();
+                let failed = records.commit(vec![shared, taken]).await;
+                assert!(matches!(failed, Err(RecordError::AlreadyExists)));
+            }
+            landed
+        }));
+    }
+    let mut landed = 0;
+    for task in tasks {
+        landed += task.await.unwrap();
+    }
+    let read = records
+        .authorize::<access::Read>(&principal, "Observation")
+        .await
+        .unwrap();
+    assert_eq!(landed, 80);
+    assert_eq!(
+        records.read(&read, "shared").await.unwrap().meta.version,
+        80,
+        "only the updates that landed made versions"
+    );
+    let versions: Vec<i64> = sqlx::query(
+        "SELECT version FROM records WHERE resource_type = 'Observation' AND resource_id = 'shared' ORDER BY version",
+    )
+    .fetch_all(appliance.database.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| row.try_get(0).unwrap())
+    .collect();
+    assert_eq!(versions, (1..=80).collect::<Vec<i64>>());
+    appliance.close().await;
+}
+
 async fn shredding_one_patient_leaves_others_readable(engine: EngineUnderTest) {
     let Some(test) = appliance_for(engine) else {
         return;
@@ -433,6 +524,7 @@ on_both_engines!(
     versions_are_kept_and_deletes_are_tombstones,
     every_access_and_denial_is_journaled,
     concurrent_writers_all_land,
+    a_failed_unit_in_a_batch_leaves_no_version_behind,
     shredding_one_patient_leaves_others_readable,
     rotation_rewraps_keys_and_keeps_payloads,
     large_bodies_go_to_the_blob_store,
