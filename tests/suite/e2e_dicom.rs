@@ -231,6 +231,25 @@ impl Gateway {
         )
     }
 
+    /// Creates a FHIR Patient with this identifier value; returns its id.
+    fn register_fhir_patient(&self, identifier: &str) -> String {
+        let fhir_token = self.server.token_for("clinician", &["system/Patient.c"]);
+        let created = self
+            .client
+            .post(format!("{}/fhir/Patient", self.server.base_url))
+            .bearer_auth(&fhir_token)
+            .header("content-type", "application/fhir+json")
+            .body(
+                serde_json::json!({"resourceType": "Patient", "identifier": [{"value": identifier}]})
+                    .to_string(),
+            )
+            .send()
+            .unwrap();
+        assert_eq!(created.status().as_u16(), 201);
+        let patient: Value = created.json().unwrap();
+        patient["id"].as_str().unwrap().to_owned()
+    }
+
     fn qido(&self, path: &str) -> Vec<Value> {
         let response = self
             .client
@@ -828,18 +847,7 @@ fn no_phi_reaches_the_disk_in_the_clear() {
 #[test]
 fn shredding_a_patient_makes_their_instances_and_headers_unreadable() {
     let gateway = Gateway::start();
-    let fhir_token = gateway.server.token_for("clinician", &["system/Patient.c"]);
-    let created = gateway
-        .client
-        .post(format!("{}/fhir/Patient", gateway.server.base_url))
-        .bearer_auth(&fhir_token)
-        .header("content-type", "application/fhir+json")
-        .body(r#"{"resourceType":"Patient","identifier":[{"value":"1CT1"}]}"#)
-        .send()
-        .unwrap();
-    assert_eq!(created.status().as_u16(), 201);
-    let patient: Value = created.json().unwrap();
-    let patient_id = patient["id"].as_str().unwrap().to_owned();
+    let patient_id = gateway.register_fhir_patient("1CT1");
     let parts = vec![read("CT_small.dcm"), read("MR_small.dcm")];
     assert_eq!(
         gateway.stow(&gateway.writer_token, "studies", &parts).0,
@@ -921,18 +929,7 @@ fn an_instance_stored_after_its_patient_is_registered_in_fhir_belongs_to_that_pa
             .0,
         200
     );
-    let fhir_token = gateway.server.token_for("clinician", &["system/Patient.c"]);
-    let created = gateway
-        .client
-        .post(format!("{}/fhir/Patient", gateway.server.base_url))
-        .bearer_auth(&fhir_token)
-        .header("content-type", "application/fhir+json")
-        .body(r#"{"resourceType":"Patient","identifier":[{"value":"4MR1"}]}"#)
-        .send()
-        .unwrap();
-    assert_eq!(created.status().as_u16(), 201);
-    let patient: Value = created.json().unwrap();
-    let patient_id = patient["id"].as_str().unwrap().to_owned();
+    let patient_id = gateway.register_fhir_patient("4MR1");
     // Sent again once the Patient exists: the new version is the FHIR Patient's.
     assert_eq!(
         gateway

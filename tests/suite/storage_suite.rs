@@ -169,6 +169,17 @@ async fn every_access_and_denial_is_journaled(engine: EngineUnderTest) {
     appliance.close().await;
 }
 
+/// Permission to update Observations, to share among writer tasks.
+async fn observation_update(
+    records: &glastonbury::records::Records,
+    principal: &Arc<Principal>,
+) -> glastonbury::access::Allowed<access::Update> {
+    records
+        .authorize::<access::Update>(principal, "Observation")
+        .await
+        .unwrap()
+}
+
 async fn concurrent_writers_all_land(engine: EngineUnderTest) {
     let Some(test) = appliance_for(engine) else {
         return;
@@ -176,12 +187,7 @@ async fn concurrent_writers_all_land(engine: EngineUnderTest) {
     let appliance = test.open().await;
     let records = Arc::clone(&appliance.records);
     let principal = clinician();
-    let update = Arc::new(
-        records
-            .authorize::<access::Update>(&principal, "Observation")
-            .await
-            .unwrap(),
-    );
+    let update = Arc::new(observation_update(&records, &principal).await);
     let mut tasks = Vec::new();
     for writer in 0..16 {
         let records = Arc::clone(&records);
@@ -239,6 +245,27 @@ async fn concurrent_writers_all_land(engine: EngineUnderTest) {
     appliance.close().await;
 }
 
+/// An Observation version ready to commit.
+async fn prepared_observation(
+    records: &glastonbury::records::Records,
+    update: &glastonbury::access::Allowed<access::Update>,
+    id: &str,
+    text: &str,
+    precondition: Precondition,
+) -> glastonbury::records::PreparedWrite {
+    records
+        .prepare_store(
+            update,
+            RecordKey::new("Observation", id),
+            body(None, text),
+            precondition,
+            "update",
+            'U',
+        )
+        .await
+        .unwrap()
+}
+
 async fn a_failed_unit_in_a_batch_leaves_no_version_behind(engine: EngineUnderTest) {
     let Some(test) = appliance_for(engine) else {
         return;
@@ -254,12 +281,7 @@ async fn a_failed_unit_in_a_batch_leaves_no_version_behind(engine: EngineUnderTe
         .create(&create, "taken", body(None, "{}"))
         .await
         .unwrap();
-    let update = Arc::new(
-        records
-            .authorize::<access::Update>(&principal, "Observation")
-            .await
-            .unwrap(),
-    );
+    let update = Arc::new(observation_update(&records, &principal).await);
     // Units that write `shared` and then fail (their second row must not exist but does), sent
     // at the same time as units that only update `shared`, so that batches mix both.
     let mut tasks = Vec::new();
@@ -270,33 +292,22 @@ async fn a_failed_unit_in_a_batch_leaves_no_version_behind(engine: EngineUnderTe
             let mut landed = 0;
             for round in 0..10 {
                 let text = format!("writer {writer} round {round}");
-                let shared = records
-                    .prepare_store(
-                        &*update,
-                        RecordKey::new("Observation", "shared"),
-                        body(None, &text),
-                        Precondition::None,
-                        "update",
-                        'U',
-                    )
-                    .await
-                    .unwrap();
+                let shared =
+                    prepared_observation(&records, &update, "shared", &text, Precondition::None)
+                        .await;
                 if writer % 2 == 0 {
                     records.commit(vec![shared]).await.unwrap();
                     landed += 1;
                     continue;
                 }
-                let taken = records
-                    .prepare_store(
-                        &*update,
-                        RecordKey::new("Observation", "taken"),
-                        body(None, &text),
-                        Precondition::MustNotExist,
-                        "create",
-                        'C',
-                    )
-                    .await
-                    .unwrap();
+                let taken = prepared_observation(
+                    &records,
+                    &update,
+                    "taken",
+                    &text,
+                    Precondition::MustNotExist,
+                )
+                .await;
                 let failed = records.commit(vec![shared, taken]).await;
                 assert!(matches!(failed, Err(RecordError::AlreadyExists)));
             }
