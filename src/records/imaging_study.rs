@@ -36,11 +36,40 @@ fn appliance_principal() -> Principal {
     }
 }
 
-/// One stored instance as the derivation reads it.
+/// What the derivation keeps of one stored instance: the values an ImagingStudy lists. Its
+/// header is parsed, read and dropped, so a large study is never held as parsed JSON (holding
+/// 1000 headers made the allocator fault in and zero fresh pages, over half of the rebuild's CPU).
 struct IndexedInstance {
     series_key: String,
     patient_ref: String,
-    header: Value,
+    listed: ListedValues,
+}
+
+/// The instance and series values of one instance's header that an ImagingStudy lists.
+struct ListedValues {
+    sop_instance_uid: Option<String>,
+    sop_class_uid: Option<String>,
+    instance_number: Option<u32>,
+    modality: Option<String>,
+    series_instance_uid: Option<String>,
+    series_number: Option<u32>,
+    series_description: Option<String>,
+}
+
+impl ListedValues {
+    fn of(header: &Value) -> Self {
+        let number =
+            |tag| json::first_text(header, tag).and_then(|text| text.trim().parse::<u32>().ok());
+        Self {
+            sop_instance_uid: json::first_text(header, tags::SOP_INSTANCE_UID),
+            sop_class_uid: json::first_text(header, tags::SOP_CLASS_UID),
+            instance_number: number(tags::INSTANCE_NUMBER),
+            modality: json::first_text(header, tags::MODALITY),
+            series_instance_uid: json::first_text(header, tags::SERIES_INSTANCE_UID),
+            series_number: number(tags::SERIES_NUMBER),
+            series_description: json::first_text(header, tags::SERIES_DESCRIPTION),
+        }
+    }
 }
 
 impl Records {
@@ -55,6 +84,8 @@ impl Records {
         .fetch_all(self.database.pool())
         .await?;
         let mut instances = Vec::with_capacity(rows.len().min(MAX_LISTED_INSTANCES));
+        // The study-level values come from the first instance's header, kept whole.
+        let mut first_header: Option<Value> = None;
         for row in rows.iter().take(MAX_LISTED_INSTANCES) {
             let patient_ref: String = row.try_get(1)?;
             let ciphertext: Vec<u8> = row.try_get(2)?;
@@ -63,23 +94,33 @@ impl Records {
                 Err(crate::vault::VaultError::PatientShredded) => return Ok(()),
                 Err(error) => return Err(error.into()),
             };
+            let header: Value =
+                serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)?;
             instances.push(IndexedInstance {
                 series_key: row.try_get(0)?,
                 patient_ref,
-                header: serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)?,
+                listed: ListedValues::of(&header),
             });
+            if first_header.is_none() {
+                first_header = Some(header);
+            }
         }
-        let Some(first) = instances.first() else {
+        let (Some(first), Some(first_header)) = (instances.first(), first_header.as_ref()) else {
             return Ok(());
         };
-        let patient_id = json::first_text(&first.header, tags::PATIENT_ID);
-        let issuer =
-            json::first_text(&first.header, tags::ISSUER_OF_PATIENT_ID).unwrap_or_default();
+        let patient_id = json::first_text(first_header, tags::PATIENT_ID);
+        let issuer = json::first_text(first_header, tags::ISSUER_OF_PATIENT_ID).unwrap_or_default();
         let fhir_patient = match &patient_id {
             Some(patient_id) => self.fhir_patient_with_identifier(patient_id).await?,
             None => None,
         };
-        let resource = imaging_study(study_key, &instances, fhir_patient.as_deref(), rows.len());
+        let resource = imaging_study(
+            study_key,
+            first_header,
+            &instances,
+            fhir_patient.as_deref(),
+            rows.len(),
+        );
         // The study's key: the FHIR Patient's when linked, else the DICOM-only patient's (the
         // same one its instances are encrypted to).
         let record_patient = fhir_patient
@@ -205,25 +246,26 @@ impl Records {
     }
 }
 
-/// The ImagingStudy resource of a study's instances (those listed; `total` counts them all).
+/// The ImagingStudy resource of a study's instances (those listed; `total` counts them all),
+/// with the study-level values of `first_header`.
 fn imaging_study(
     study_key: &str,
+    first_header: &Value,
     instances: &[IndexedInstance],
     fhir_patient: Option<&str>,
     total: usize,
 ) -> Value {
-    let first = &instances[0].header;
-    let text = |tag| json::first_text(first, tag);
-    let mut series: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
+    let text = |tag| json::first_text(first_header, tag);
+    let mut series: BTreeMap<&str, Vec<&ListedValues>> = BTreeMap::new();
     for instance in instances {
         series
             .entry(&instance.series_key)
             .or_default()
-            .push(&instance.header);
+            .push(&instance.listed);
     }
     let mut modalities: Vec<String> = instances
         .iter()
-        .filter_map(|instance| json::first_text(&instance.header, tags::MODALITY))
+        .filter_map(|instance| instance.listed.modality.clone())
         .collect();
     modalities.sort();
     modalities.dedup();
@@ -239,30 +281,30 @@ fn imaging_study(
     };
     let series_entries: Vec<Value> = series
         .values()
-        .map(|headers| {
-            let head = headers[0];
+        .map(|listed| {
+            let head = listed[0];
             let mut entry = json_value!({
-                "uid": json::first_text(head, tags::SERIES_INSTANCE_UID).unwrap_or_default(),
+                "uid": head.series_instance_uid.clone().unwrap_or_default(),
                 "modality": {"system": "http://dicom.nema.org/resources/ontology/DCM",
-                             "code": json::first_text(head, tags::MODALITY).unwrap_or_else(|| "OT".to_owned())},
-                "numberOfInstances": headers.len(),
-                "instance": headers.iter().map(|header| {
+                             "code": head.modality.clone().unwrap_or_else(|| "OT".to_owned())},
+                "numberOfInstances": listed.len(),
+                "instance": listed.iter().map(|values| {
                     let mut instance = json_value!({
-                        "uid": json::first_text(header, tags::SOP_INSTANCE_UID).unwrap_or_default(),
+                        "uid": values.sop_instance_uid.clone().unwrap_or_default(),
                         "sopClass": {"system": "urn:ietf:rfc:3986",
-                                     "code": format!("urn:oid:{}", json::first_text(header, tags::SOP_CLASS_UID).unwrap_or_default())},
+                                     "code": format!("urn:oid:{}", values.sop_class_uid.as_deref().unwrap_or_default())},
                     });
-                    if let Some(number) = json::first_text(header, tags::INSTANCE_NUMBER).and_then(|text| text.trim().parse::<u32>().ok()) {
+                    if let Some(number) = values.instance_number {
                         instance["number"] = Value::from(number);
                     }
                     instance
                 }).collect::<Vec<_>>(),
             });
-            if let Some(number) = json::first_text(head, tags::SERIES_NUMBER).and_then(|text| text.trim().parse::<u32>().ok()) {
+            if let Some(number) = head.series_number {
                 entry["number"] = Value::from(number);
             }
-            if let Some(description) = json::first_text(head, tags::SERIES_DESCRIPTION) {
-                entry["description"] = Value::String(description);
+            if let Some(description) = &head.series_description {
+                entry["description"] = Value::String(description.clone());
             }
             entry
         })

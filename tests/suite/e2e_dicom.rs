@@ -368,6 +368,14 @@ fn stow_qido_and_wado_round_trip_every_transfer_syntax_byte_for_byte() {
     };
     assert_eq!(study["numberOfInstances"], 1);
     assert_eq!(study["series"][0]["uid"], ct.series_instance_uid.as_str());
+    assert_eq!(
+        study["series"][0]["instance"][0]["uid"],
+        ct.sop_instance_uid.as_str()
+    );
+    assert_eq!(
+        study["series"][0]["instance"][0]["sopClass"]["code"], "urn:oid:1.2.840.10008.5.1.4.1.1.2",
+        "CT Image Storage"
+    );
     assert_eq!(study["modality"][0]["code"], "CT");
     assert!(
         study["subject"]["identifier"]["value"].is_string(),
