@@ -9,7 +9,7 @@ use super::JournalError;
 use super::draft::{AuditDraft, JournalIdentity, to_event};
 use super::store;
 use crate::storage::Engine;
-use crate::storage::statement::AnyQuery;
+use crate::storage::statement::{AnyQuery, BindValue, Statement};
 
 /// Rows per multi-row INSERT (well below SQLite's and PostgreSQL's parameter limits).
 const LEAF_ROWS_PER_STATEMENT: usize = 200;
@@ -64,7 +64,7 @@ pub async fn lock_head(connection: &mut AnyConnection) -> Result<CompactRange, J
 pub enum Finish {
     /// Open, for the caller to commit.
     LeaveOpen,
-    /// Committed (SQLite, in the append's last query when it fits one).
+    /// Committed (on SQLite in the append's own query).
     Commit,
 }
 
@@ -85,10 +85,7 @@ pub async fn append_leaves(
     let hashes: Vec<Hash> = leaves.iter().map(|leaf| leaf.hash).collect();
     let mut next = range.clone();
     let batch = next.append_batch(&hashes)?;
-    let fits_one_query = leaves.len() <= LEAF_ROWS_PER_STATEMENT
-        && batch.nodes.len() <= NODE_ROWS_PER_STATEMENT
-        && Engine::of_connection(connection) == Engine::Sqlite;
-    if fits_one_query {
+    if Engine::of_connection(connection) == Engine::Sqlite {
         append_in_one_query(connection, first_index, leaves, &batch.nodes, &next, finish).await?;
     } else {
         insert_leaf_rows(connection, first_index, leaves).await?;
@@ -116,8 +113,7 @@ const INSERT_NODES: &str = "INSERT INTO audit_nodes (level, node_index, hash) VA
 const NODE_COLUMNS: usize = 3;
 
 /// Leaves, nodes, head (and the commit) as one multi-statement query: one round trip to SQLite's
-/// connection thread instead of three or four (SQLite numbers placeholders across the statements
-/// of one query).
+/// connection thread instead of three or four.
 async fn append_in_one_query(
     connection: &mut AnyConnection,
     first_index: u64,
@@ -126,35 +122,115 @@ async fn append_in_one_query(
     head: &CompactRange,
     finish: Finish,
 ) -> Result<(), JournalError> {
-    let mut sql = multi_row_insert_from(INSERT_LEAVES, LEAF_COLUMNS, leaves.len(), 1);
-    let mut next_parameter = 1 + LEAF_COLUMNS * leaves.len();
-    if !nodes.is_empty() {
-        sql.push_str(";\n");
-        sql.push_str(&multi_row_insert_from(
-            INSERT_NODES,
-            NODE_COLUMNS,
-            nodes.len(),
-            next_parameter,
-        ));
-        next_parameter += NODE_COLUMNS * nodes.len();
-    }
-    sql.push_str(&format!(
-        ";\nUPDATE journal_head SET tree_size = ${}, frontier = ${} WHERE id = 1",
-        next_parameter,
-        next_parameter + 1
-    ));
+    let mut script = sqlite_append_statements(first_index, leaves, nodes, head)?;
     if finish == Finish::Commit {
-        sql.push_str(";\nCOMMIT");
+        script.push_statement(Statement::new("COMMIT"));
     }
-    let query = bind_leaf_rows(sqlx::query(&sql), first_index, leaves)?;
-    let query = bind_node_rows(query, nodes)?;
-    let (tree_size, frontier) = head_values(head)?;
-    query
-        .bind(tree_size)
-        .bind(frontier)
-        .execute(&mut *connection)
-        .await?;
+    script.execute(connection).await?;
     Ok(())
+}
+
+/// The statements that append `leaves` after `range` on SQLite (leaf rows, completed nodes, new
+/// head), for the caller to run at the end of its own multi-statement query; with the range the
+/// journal has once they ran.
+pub fn sqlite_append_statements_after(
+    range: &CompactRange,
+    leaves: &[PendingLeaf],
+) -> Result<(Statement, CompactRange), JournalError> {
+    let hashes: Vec<Hash> = leaves.iter().map(|leaf| leaf.hash).collect();
+    let mut next = range.clone();
+    let batch = next.append_batch(&hashes)?;
+    let statements = sqlite_append_statements(range.size(), leaves, &batch.nodes, &next)?;
+    Ok((statements, next))
+}
+
+/// SQLite's leaf insert: one statement for any number of leaves (a JSON array of `[index, hex
+/// leaf, recorded at, patient, agent, event code, outcome]`), so the statement cache holds one
+/// shape of every query that appends.
+const INSERT_LEAVES_FROM_JSON: &str = "INSERT INTO audit_leaves (leaf_index, leaf, recorded_at, patient_ref, agent_id, event_code, outcome) \
+     SELECT value ->> 0, unhex(value ->> 1), value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6 \
+     FROM json_each($1)";
+
+/// SQLite's node insert, likewise: a JSON array of `[level, index, hex hash]`.
+const INSERT_NODES_FROM_JSON: &str = "INSERT INTO audit_nodes (level, node_index, hash) \
+     SELECT value ->> 0, value ->> 1, unhex(value ->> 2) FROM json_each($1)";
+
+fn sqlite_append_statements(
+    first_index: u64,
+    leaves: &[PendingLeaf],
+    nodes: &[StoredNode],
+    head: &CompactRange,
+) -> Result<Statement, JournalError> {
+    let mut script = Statement::default();
+    script.push_statement(Statement::with_values(
+        INSERT_LEAVES_FROM_JSON,
+        vec![BindValue::Text(leaves_as_json(first_index, leaves)?)],
+    ));
+    if !nodes.is_empty() {
+        script.push_statement(Statement::with_values(
+            INSERT_NODES_FROM_JSON,
+            vec![BindValue::Text(nodes_as_json(nodes))],
+        ));
+    }
+    let (tree_size, frontier) = head_values(head)?;
+    script.push_statement(Statement::with_values(
+        STORE_HEAD,
+        vec![BindValue::Integer(tree_size), BindValue::Blob(frontier)],
+    ));
+    Ok(script)
+}
+
+fn leaves_as_json(first_index: u64, leaves: &[PendingLeaf]) -> Result<String, JournalError> {
+    let rows: Vec<serde_json::Value> = (to_i64(first_index)?..)
+        .zip(leaves)
+        .map(|(index, leaf)| {
+            serde_json::json!([
+                index,
+                hex::encode(&leaf.bytes),
+                leaf.recorded_at,
+                leaf.patient_ref,
+                leaf.agent_id,
+                leaf.event_code,
+                leaf.outcome,
+            ])
+        })
+        .collect();
+    Ok(serde_json::Value::Array(rows).to_string())
+}
+
+fn leaf_row_values(
+    first_index: u64,
+    leaves: &[PendingLeaf],
+) -> Result<Vec<BindValue>, JournalError> {
+    let mut values = Vec::with_capacity(leaves.len() * LEAF_COLUMNS);
+    for (index, leaf) in (to_i64(first_index)?..).zip(leaves) {
+        values.extend([
+            BindValue::Integer(index),
+            BindValue::Blob(leaf.bytes.clone()),
+            BindValue::Integer(leaf.recorded_at),
+            BindValue::optional_text(leaf.patient_ref.as_deref()),
+            BindValue::Text(leaf.agent_id.clone()),
+            BindValue::Text(leaf.event_code.clone()),
+            BindValue::Integer(leaf.outcome),
+        ]);
+    }
+    Ok(values)
+}
+
+/// `[[level, index, "hex hash"], …]`.
+fn nodes_as_json(nodes: &[StoredNode]) -> String {
+    let rows: Vec<String> = nodes
+        .iter()
+        .map(|node| {
+            format!(
+                "[{},{},\"{}\"]",
+                node.id.level,
+                node.id.index,
+                hex::encode(node.hash)
+            )
+        })
+        .collect();
+    format!("[{}]", rows.join(","))
 }
 
 async fn insert_leaf_rows(
@@ -165,30 +241,12 @@ async fn insert_leaf_rows(
     let mut chunk_first_index = first_index;
     for chunk in leaves.chunks(LEAF_ROWS_PER_STATEMENT) {
         let sql = multi_row_insert_from(INSERT_LEAVES, LEAF_COLUMNS, chunk.len(), 1);
-        bind_leaf_rows(sqlx::query(&sql), chunk_first_index, chunk)?
+        Statement::with_values(&sql, leaf_row_values(chunk_first_index, chunk)?)
             .execute(&mut *connection)
             .await?;
         chunk_first_index += chunk.len() as u64;
     }
     Ok(())
-}
-
-fn bind_leaf_rows<'q>(
-    mut query: AnyQuery<'q>,
-    first_index: u64,
-    leaves: &'q [PendingLeaf],
-) -> Result<AnyQuery<'q>, JournalError> {
-    for (index, leaf) in (to_i64(first_index)?..).zip(leaves) {
-        query = query
-            .bind(index)
-            .bind(leaf.bytes.as_slice())
-            .bind(leaf.recorded_at)
-            .bind(leaf.patient_ref.as_deref())
-            .bind(leaf.agent_id.as_str())
-            .bind(leaf.event_code.as_str())
-            .bind(leaf.outcome);
-    }
-    Ok(query)
 }
 
 async fn insert_node_rows(
@@ -222,13 +280,16 @@ async fn store_head(
     range: &CompactRange,
 ) -> Result<(), JournalError> {
     let (tree_size, frontier) = head_values(range)?;
-    sqlx::query("UPDATE journal_head SET tree_size = $1, frontier = $2 WHERE id = 1")
+    sqlx::query(STORE_HEAD)
         .bind(tree_size)
         .bind(frontier)
         .execute(&mut *connection)
         .await?;
     Ok(())
 }
+
+/// The head row's new tree size and frontier.
+const STORE_HEAD: &str = "UPDATE journal_head SET tree_size = $1, frontier = $2 WHERE id = 1";
 
 /// The head row's tree size and frontier (the border nodes' hashes, concatenated).
 fn head_values(range: &CompactRange) -> Result<(i64, Vec<u8>), JournalError> {

@@ -15,7 +15,9 @@ pub mod query;
 pub mod sealing;
 pub mod store;
 
-pub use append::{Finish, LOCK_HEAD, PendingLeaf, append_leaves, lock_head};
+pub use append::{
+    Finish, LOCK_HEAD, PendingLeaf, append_leaves, lock_head, sqlite_append_statements_after,
+};
 pub use checkpoints::{CheckpointService, SigningKeys};
 pub use draft::{AuditDraft, JournalIdentity, Outcome};
 

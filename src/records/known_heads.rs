@@ -21,7 +21,7 @@ const HEAD_QUERY_SIZES: [usize; 5] = [1, 4, 16, 64, MAX_KNOWN_HEADS];
 /// A record's current version and whether it is deleted; `None` when it has no version yet.
 pub type Head = Option<(i64, bool)>;
 
-type RecordName = (String, String);
+pub type RecordName = (String, String);
 
 /// Heads known for this transaction.
 #[derive(Debug, Default)]
@@ -86,6 +86,40 @@ impl KnownHeads {
         self.heads
             .get(&(row.resource_type.clone(), row.resource_id.clone()))
             .copied()
+    }
+
+    /// Whether the head of every record `rows` write is known.
+    pub fn knows_all<'a>(&self, mut rows: impl Iterator<Item = &'a RowWrite>) -> bool {
+        rows.all(|row| self.get(row).is_some())
+    }
+
+    /// Notes the head read for a row's record.
+    pub fn learn(&mut self, row: &RowWrite, head: Head) {
+        self.heads
+            .insert((row.resource_type.clone(), row.resource_id.clone()), head);
+    }
+
+    /// What is known of the records `rows` write, to [`restore`](Self::restore) after a unit
+    /// that was not written.
+    pub fn save(&self, rows: &[RowWrite]) -> Vec<(RecordName, Option<Head>)> {
+        rows.iter()
+            .map(|row| {
+                let name = (row.resource_type.clone(), row.resource_id.clone());
+                let head = self.heads.get(&name).copied();
+                (name, head)
+            })
+            .collect()
+    }
+
+    /// Puts back what [`save`](Self::save) returned (in reverse, so a record named twice ends
+    /// as it was first).
+    pub fn restore(&mut self, saved: Vec<(RecordName, Option<Head>)>) {
+        for (name, head) in saved.into_iter().rev() {
+            match head {
+                Some(head) => self.heads.insert(name, head),
+                None => self.heads.remove(&name),
+            };
+        }
     }
 
     /// Notes the version a row just wrote.

@@ -1,6 +1,8 @@
 //! Group commit: one task per process takes every pending write, runs a batch of them in one
-//! transaction (each in its own savepoint, so one failure does not sink the others), appends their
-//! audit leaves in that same transaction, commits once, and only then answers each caller.
+//! transaction, appends their audit leaves in that same transaction, commits once, and only then
+//! answers each caller. One unit's failure does not sink the others: a failed precondition is
+//! found before anything runs, anything else is undone to the unit's savepoint (on SQLite,
+//! where a batch runs as one query, by running the batch again unit by unit).
 
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
@@ -14,7 +16,7 @@ use super::known_heads::{self, KnownHeads};
 use super::patient_owners::PatientOwners;
 use super::search_index::{DICOM_STUDY, IndexRows, TokenRow};
 use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
-use crate::storage::statement::{AnyQuery, BindValue, Statement};
+use crate::storage::statement::{BindValue, Statement};
 use crate::storage::{Database, Engine};
 
 /// The most writes one transaction carries.
@@ -299,8 +301,8 @@ async fn run_batch_transaction(
 }
 
 /// SQLite: `BEGIN` goes in one query with the journal head lock and the heads of the records
-/// the batch writes, and `COMMIT` in one with the journal append: per batch two round trips to
-/// the connection's thread, and one per row, fewer than with sqlx's `Transaction`.
+/// the batch writes; everything the batch writes, the journal append and `COMMIT` go in a
+/// second one: per batch two round trips to the connection's thread, whatever it carries.
 /// sqlx does not know of this transaction, so a batch that fails leaves it to the caller, which
 /// closes the connection (SQLite rolls back what a closed connection left uncommitted).
 async fn run_batch_in_folded_transaction(
@@ -308,19 +310,81 @@ async fn run_batch_in_folded_transaction(
     identity: &JournalIdentity,
     units: &[WriteUnit],
 ) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
-    let (mut tree, mut known) = begin_batch(connection, units).await?;
-    match apply_units(connection, identity, units, tree.size(), &mut known).await? {
-        Applied::Units { outcomes, leaves } => {
-            journal::append_leaves(connection, &mut tree, &leaves, journal::Finish::Commit)
-                .await
-                .map_err(journal_to_sqlx)?;
-            Ok(outcomes)
+    let (tree, known) = begin_batch(connection, units).await?;
+    if !known.knows_all(units.iter().flat_map(|unit| unit.rows.iter())) {
+        // More records than the head query reads: the rest are read row by row.
+        return run_units_one_by_one(connection, identity, units, tree, known).await;
+    }
+    if let Some(outcomes) =
+        run_batch_as_one_script(connection, identity, units, &tree, known).await?
+    {
+        return Ok(outcomes);
+    }
+    // A statement failed that the preparation could not foresee (a constraint, say) and the
+    // transaction was rolled back: again, unit by unit in savepoints, so only its unit fails.
+    let (tree, known) = begin_batch(connection, units).await?;
+    run_units_one_by_one(connection, identity, units, tree, known).await
+}
+
+/// Units whose statements go in one query on SQLite: a uniform workload's queries then come in
+/// at most this many shapes, which the writer connection's statement cache keeps prepared.
+const UNITS_PER_QUERY: usize = 16;
+
+/// SQLite: prepares every unit from the known heads (a unit whose precondition fails is answered
+/// and left out) and runs their statements in one query per [`UNITS_PER_QUERY`] units, the last
+/// of which also appends the journal and commits. `None` when a query failed: the transaction
+/// is then rolled back.
+async fn run_batch_as_one_script(
+    connection: &mut AnyConnection,
+    identity: &JournalIdentity,
+    units: &[WriteUnit],
+    tree: &glastonbury_audit::CompactRange,
+    mut known: KnownHeads,
+) -> Result<Option<Vec<Result<UnitReceipt, RecordError>>>, sqlx::Error> {
+    let mut queries = Vec::new();
+    let mut query = Statement::default();
+    let mut units_in_query = 0;
+    let mut outcomes = Vec::with_capacity(units.len());
+    let mut leaves: Vec<PendingLeaf> = Vec::new();
+    for unit in units {
+        let mut prepared = match prepare_unit(Engine::Sqlite, identity, unit, &mut known) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                outcomes.push(Err(error));
+                continue;
+            }
+        };
+        if units_in_query == UNITS_PER_QUERY {
+            queries.push(std::mem::take(&mut query));
+            units_in_query = 0;
         }
-        Applied::LoneUnitFailed(error) => {
+        for statement in prepared.statements {
+            query.push_statement(statement);
+        }
+        units_in_query += 1;
+        prepared.receipt.first_leaf_index = tree.size() + leaves.len() as u64;
+        leaves.extend(prepared.leaves);
+        outcomes.push(Ok(prepared.receipt));
+    }
+    if leaves.is_empty() && query.is_empty() && queries.is_empty() {
+        sqlx::query("ROLLBACK").execute(&mut *connection).await?;
+        return Ok(Some(outcomes));
+    }
+    if !leaves.is_empty() {
+        let (append, _) =
+            journal::sqlite_append_statements_after(tree, &leaves).map_err(journal_to_sqlx)?;
+        query.push_statement(append);
+    }
+    query.push_statement(Statement::new("COMMIT"));
+    queries.push(query);
+    for query in &queries {
+        if let Err(error) = query.execute(&mut *connection).await {
+            tracing::warn!(error = %error, units = units.len(), "write batch query failed; retrying unit by unit");
             sqlx::query("ROLLBACK").execute(&mut *connection).await?;
-            Ok(vec![Err(error)])
+            return Ok(None);
         }
     }
+    Ok(Some(outcomes))
 }
 
 /// SQLite: begins the batch's transaction, takes the journal head row and reads the heads of the
@@ -387,6 +451,29 @@ async fn run_batch_in_sqlx_transaction(
         }
         Applied::LoneUnitFailed(error) => {
             transaction.rollback().await?;
+            Ok(vec![Err(error)])
+        }
+    }
+}
+
+/// SQLite: the batch's units one by one (each in a savepoint when there are several), then the
+/// journal append and `COMMIT` in one query.
+async fn run_units_one_by_one(
+    connection: &mut AnyConnection,
+    identity: &JournalIdentity,
+    units: &[WriteUnit],
+    mut tree: glastonbury_audit::CompactRange,
+    mut known: KnownHeads,
+) -> Result<Vec<Result<UnitReceipt, RecordError>>, sqlx::Error> {
+    match apply_units(connection, identity, units, tree.size(), &mut known).await? {
+        Applied::Units { outcomes, leaves } => {
+            journal::append_leaves(connection, &mut tree, &leaves, journal::Finish::Commit)
+                .await
+                .map_err(journal_to_sqlx)?;
+            Ok(outcomes)
+        }
+        Applied::LoneUnitFailed(error) => {
+            sqlx::query("ROLLBACK").execute(&mut *connection).await?;
             Ok(vec![Err(error)])
         }
     }
@@ -460,38 +547,104 @@ fn journal_to_sqlx(error: journal::JournalError) -> sqlx::Error {
     sqlx::Error::Protocol(error.to_string())
 }
 
-/// Writes a unit's rows and encodes its leaves (appended by the caller once the batch is known).
+/// Writes a unit's rows statement by statement and encodes its leaves (appended by the caller
+/// once the batch is known). Heads not known yet are read first.
 async fn apply_unit(
     connection: &mut AnyConnection,
     identity: &JournalIdentity,
     unit: &WriteUnit,
     known: &mut KnownHeads,
 ) -> Result<(UnitReceipt, Vec<PendingLeaf>), RecordError> {
+    for row in &unit.rows {
+        if known.get(row).is_none() {
+            let head = known_heads::read_head(connection, row).await?;
+            known.learn(row, head);
+        }
+    }
+    let engine = Engine::of_connection(connection);
+    let prepared = prepare_unit(engine, identity, unit, known)?;
+    for statement in &prepared.statements {
+        statement.execute(&mut *connection).await?;
+    }
+    Ok((prepared.receipt, prepared.leaves))
+}
+
+/// A unit decided before it runs: the version and time of each row, the statements that write
+/// them (one statement each on either engine), and the unit's encoded leaves.
+struct PreparedUnit {
+    receipt: UnitReceipt,
+    statements: Vec<Statement>,
+    leaves: Vec<PendingLeaf>,
+}
+
+/// Decides a unit from the heads of its records, which must all be known, and notes what it will
+/// write in `known`. A failed precondition fails the unit and leaves `known` as it was.
+fn prepare_unit(
+    engine: Engine,
+    identity: &JournalIdentity,
+    unit: &WriteUnit,
+    known: &mut KnownHeads,
+) -> Result<PreparedUnit, RecordError> {
+    let saved = known.save(&unit.rows);
+    match prepare_unit_rows(engine, identity, unit, known) {
+        Ok(prepared) => Ok(prepared),
+        Err(error) => {
+            known.restore(saved);
+            Err(error)
+        }
+    }
+}
+
+fn prepare_unit_rows(
+    engine: Engine,
+    identity: &JournalIdentity,
+    unit: &WriteUnit,
+    known: &mut KnownHeads,
+) -> Result<PreparedUnit, RecordError> {
     let mut rows = Vec::with_capacity(unit.rows.len());
+    let mut statements = Vec::new();
     let mut audit = unit.audit.clone();
     let mut index = PendingIndex::default();
     for (position, row) in unit.rows.iter().enumerate() {
-        let written = write_row(connection, row, known).await?;
+        let current = known.get(row).ok_or_else(|| {
+            RecordError::Storage(crate::storage::StorageError::Database(
+                "a record head was not read before its write".to_owned(),
+            ))
+        })?;
+        check_precondition(row.precondition, current)?;
+        let written = WrittenRow {
+            version: current.map_or(1, |(version, _)| version + 1),
+            last_updated: next_timestamp(),
+        };
+        statements.push(version_row_statement(engine, row, &written));
+        if current.is_some() {
+            statements.extend(remove_index_statements(row));
+        }
+        if let Some(dicom) = &row.dicom {
+            statements.extend(study_tokens_statement(dicom));
+        }
+        known.wrote(row, written.version);
         if let Some(draft) = audit.get_mut(position) {
             draft.resource_version = Some(written.version);
         }
         index.add(row);
         rows.push(written);
     }
-    index.insert(connection).await?;
+    statements.extend(index.statements());
     let recorded_at = crate::storage::now_micros();
     let leaves = audit
         .iter()
         .map(|draft| PendingLeaf::encode(identity, draft, recorded_at))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| RecordError::Audit(error.to_string()))?;
-    Ok((
-        UnitReceipt {
+    Ok(PreparedUnit {
+        receipt: UnitReceipt {
             rows,
             first_leaf_index: 0,
         },
+        statements,
         leaves,
-    ))
+    })
 }
 
 /// A record version row. Parameters `$1`–`$9`: resource type, resource id, version, patient,
@@ -520,43 +673,10 @@ const UPSERT_DICOM_INSTANCE: &str = "INSERT INTO dicom_instances (instance_key, 
      deid_study_key = excluded.deid_study_key, deid_series_key = excluded.deid_series_key, \
      deid_instance_key = excluded.deid_instance_key";
 
-async fn write_row(
-    connection: &mut AnyConnection,
-    row: &RowWrite,
-    known: &mut KnownHeads,
-) -> Result<WrittenRow, RecordError> {
-    let current = match known.get(row) {
-        Some(head) => head,
-        None => known_heads::read_head(connection, row).await?,
-    };
-    check_precondition(row.precondition, current)?;
-    let written = WrittenRow {
-        version: current.map_or(1, |(version, _)| version + 1),
-        last_updated: next_timestamp(),
-    };
-    let statements = match row.dicom {
-        Some(_) => &*DICOM_VERSION_ROW,
-        None => &*VERSION_ROW,
-    };
-    // One round trip for all of them (on SQLite, to the connection's thread).
-    let sql = statements.for_engine(Engine::of_connection(connection));
-    bind_version_row(sqlx::query(sql), row, &written)
-        .execute(&mut *connection)
-        .await?;
-    known.wrote(row, written.version);
-    if current.is_some() {
-        remove_index(connection, row).await?;
-    }
-    if let Some(dicom) = &row.dicom {
-        add_study_tokens(connection, dicom).await?;
-    }
-    Ok(written)
-}
-
-/// Statements whose placeholders number into one shared parameter list, as the one query each
-/// engine runs them as: SQLite binds `$N` by number across the statements of a multi-statement
-/// query; PostgreSQL takes one statement per query, so there all but the last become
-/// data-modifying `WITH` steps of the last.
+/// Statements whose placeholders number into one shared parameter list, as the one statement
+/// each engine runs them as: SQLite binds `$N` by number across the statements of a
+/// multi-statement query; PostgreSQL takes one statement per query, so there all but the last
+/// become data-modifying `WITH` steps of the last.
 struct SharedParameterStatements {
     sqlite: String,
     postgres: String,
@@ -597,59 +717,70 @@ static DICOM_VERSION_ROW: LazyLock<SharedParameterStatements> = LazyLock::new(||
     SharedParameterStatements::new(&[INSERT_RECORD, UPSERT_RECORD_HEAD], UPSERT_DICOM_INSTANCE)
 });
 
-/// Binds the parameters of [`INSERT_RECORD`], [`UPSERT_RECORD_HEAD`] and, for an instance,
-/// [`UPSERT_DICOM_INSTANCE`].
-fn bind_version_row<'q>(
-    query: AnyQuery<'q>,
-    row: &'q RowWrite,
-    written: &WrittenRow,
-) -> AnyQuery<'q> {
-    let query = query
-        .bind(&row.resource_type)
-        .bind(&row.resource_id)
-        .bind(written.version)
-        .bind(&row.patient_ref)
-        .bind(written.last_updated)
-        .bind(i64::from(row.deleted))
-        .bind(&row.content_type)
-        .bind(row.inline_body.as_deref())
-        .bind(row.blob_key.as_deref());
-    let Some(dicom) = &row.dicom else {
-        return query;
+/// The version row, its head and, for an instance, its imaging index row.
+fn version_row_statement(engine: Engine, row: &RowWrite, written: &WrittenRow) -> Statement {
+    let statements = match row.dicom {
+        Some(_) => &*DICOM_VERSION_ROW,
+        None => &*VERSION_ROW,
     };
-    query
-        .bind(&dicom.instance_key)
-        .bind(&dicom.series_key)
-        .bind(&dicom.study_key)
-        .bind(&dicom.sop_class_uid)
-        .bind(&dicom.transfer_syntax_uid)
-        .bind(dicom.modality.as_deref())
-        .bind(dicom.study_date)
-        .bind(dicom.series_number)
-        .bind(dicom.instance_number)
-        .bind(dicom.header.as_slice())
-        .bind(&dicom.deidentified_keys.study_key)
-        .bind(&dicom.deidentified_keys.series_key)
-        .bind(&dicom.deidentified_keys.instance_key)
+    Statement::with_values(
+        statements.for_engine(engine),
+        version_row_values(row, written),
+    )
+}
+
+/// The parameters of [`INSERT_RECORD`], [`UPSERT_RECORD_HEAD`] and, for an instance,
+/// [`UPSERT_DICOM_INSTANCE`].
+fn version_row_values(row: &RowWrite, written: &WrittenRow) -> Vec<BindValue> {
+    let mut values = vec![
+        BindValue::Text(row.resource_type.clone()),
+        BindValue::Text(row.resource_id.clone()),
+        BindValue::Integer(written.version),
+        BindValue::Text(row.patient_ref.clone()),
+        BindValue::Integer(written.last_updated),
+        BindValue::Integer(i64::from(row.deleted)),
+        BindValue::Text(row.content_type.clone()),
+        BindValue::optional_blob(row.inline_body.as_deref()),
+        BindValue::optional_text(row.blob_key.as_deref()),
+    ];
+    let Some(dicom) = &row.dicom else {
+        return values;
+    };
+    values.extend([
+        BindValue::Text(dicom.instance_key.clone()),
+        BindValue::Text(dicom.series_key.clone()),
+        BindValue::Text(dicom.study_key.clone()),
+        BindValue::Text(dicom.sop_class_uid.clone()),
+        BindValue::Text(dicom.transfer_syntax_uid.clone()),
+        BindValue::optional_text(dicom.modality.as_deref()),
+        BindValue::optional_integer(dicom.study_date),
+        BindValue::optional_integer(dicom.series_number),
+        BindValue::optional_integer(dicom.instance_number),
+        BindValue::Blob(dicom.header.clone()),
+        BindValue::Text(dicom.deidentified_keys.study_key.clone()),
+        BindValue::Text(dicom.deidentified_keys.series_key.clone()),
+        BindValue::Text(dicom.deidentified_keys.instance_key.clone()),
+    ]);
+    values
 }
 
 /// Adds the tokens the study does not have yet, in one statement. Most instances of a study
 /// carry the same patient and study attributes, so this usually reads a few index rows and
 /// writes none.
-async fn add_study_tokens(
-    connection: &mut AnyConnection,
-    dicom: &DicomInstanceRow,
-) -> Result<(), RecordError> {
+fn study_tokens_statement(dicom: &DicomInstanceRow) -> Option<Statement> {
     if dicom.study_tokens.is_empty() {
-        return Ok(());
+        return None;
+    }
+    let mut values = vec![
+        BindValue::Text(DICOM_STUDY.to_owned()),
+        BindValue::Text(dicom.study_key.clone()),
+    ];
+    for row in &dicom.study_tokens {
+        values.push(BindValue::Text(row.param.clone()));
+        values.push(BindValue::Text(row.token.clone()));
     }
     let sql = missing_study_tokens_insert(dicom.study_tokens.len());
-    let mut query = sqlx::query(&sql).bind(DICOM_STUDY).bind(&dicom.study_key);
-    for row in &dicom.study_tokens {
-        query = query.bind(&row.param).bind(&row.token);
-    }
-    query.execute(&mut *connection).await?;
-    Ok(())
+    Some(Statement::with_values(&sql, values))
 }
 
 /// `INSERT … SELECT` of the candidate `(param, token)` pairs `$3, $4, …` of the study `$1, $2`
@@ -714,77 +845,67 @@ impl PendingIndex {
             values.extend([
                 BindValue::Text(number.param.clone()),
                 BindValue::Real(number.value),
-                number
-                    .unit
-                    .clone()
-                    .map_or(BindValue::NullText, BindValue::Text),
+                BindValue::optional_text(number.unit.as_deref()),
             ]);
             self.numbers.push(values);
         }
     }
 
-    async fn insert(&self, connection: &mut AnyConnection) -> Result<(), RecordError> {
-        insert_many(
-            connection,
+    /// The multi-row inserts of every pending index row.
+    fn statements(self) -> Vec<Statement> {
+        let mut statements = insert_many(
             "search_tokens (resource_type, resource_id, param, token)",
-            &self.tokens,
-        )
-        .await?;
-        insert_many(
-            connection,
+            self.tokens,
+        );
+        statements.extend(insert_many(
             "search_dates (resource_type, resource_id, param, low, high)",
-            &self.dates,
-        )
-        .await?;
-        insert_many(
-            connection,
+            self.dates,
+        ));
+        statements.extend(insert_many(
             "search_numbers (resource_type, resource_id, param, value, unit)",
-            &self.numbers,
-        )
-        .await
+            self.numbers,
+        ));
+        statements
     }
 }
 
 /// Removes the index rows of a record's previous version.
-async fn remove_index(connection: &mut AnyConnection, row: &RowWrite) -> Result<(), RecordError> {
-    for table in ["search_tokens", "search_dates", "search_numbers"] {
-        let mut delete = Statement::new(&format!("DELETE FROM {table} WHERE resource_type = "));
-        delete
-            .bind_text(&row.resource_type)
-            .push(" AND resource_id = ")
-            .bind_text(&row.resource_id);
-        delete.execute(&mut *connection).await?;
-    }
-    Ok(())
+fn remove_index_statements(row: &RowWrite) -> [Statement; 3] {
+    ["search_tokens", "search_dates", "search_numbers"].map(|table| {
+        Statement::with_values(
+            &format!("DELETE FROM {table} WHERE resource_type = $1 AND resource_id = $2"),
+            vec![
+                BindValue::Text(row.resource_type.clone()),
+                BindValue::Text(row.resource_id.clone()),
+            ],
+        )
+    })
 }
 
-async fn insert_many(
-    connection: &mut AnyConnection,
-    table_and_columns: &str,
-    rows: &[Vec<BindValue>],
-) -> Result<(), RecordError> {
-    let mut remaining = rows;
-    while !remaining.is_empty() {
+/// Inserts of `rows` (each a list of column values) in multi-row statements of the fixed sizes.
+fn insert_many(table_and_columns: &str, rows: Vec<Vec<BindValue>>) -> Vec<Statement> {
+    let mut statements = Vec::new();
+    let mut remaining = rows.into_iter().peekable();
+    while remaining.peek().is_some() {
+        let left = remaining.len();
         let size = INDEX_INSERT_SIZES
             .into_iter()
-            .find(|size| *size <= remaining.len())
+            .find(|size| *size <= left)
             .unwrap_or(1);
-        let (chunk, rest) = remaining.split_at(size);
-        remaining = rest;
         let mut insert = Statement::new(&format!("INSERT INTO {table_and_columns} VALUES "));
-        for (position, values) in chunk.iter().enumerate() {
+        for (position, values) in remaining.by_ref().take(size).enumerate() {
             insert.push(if position == 0 { "(" } else { ", (" });
-            for (column, value) in values.iter().enumerate() {
+            for (column, value) in values.into_iter().enumerate() {
                 if column > 0 {
                     insert.push(", ");
                 }
-                insert.bind(value.clone());
+                insert.bind(value);
             }
             insert.push(")");
         }
-        insert.execute(&mut *connection).await?;
+        statements.push(insert);
     }
-    Ok(())
+    statements
 }
 
 fn check_precondition(

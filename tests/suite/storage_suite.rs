@@ -341,6 +341,105 @@ async fn a_failed_unit_in_a_batch_leaves_no_version_behind(engine: EngineUnderTe
     appliance.close().await;
 }
 
+/// Installs a trigger that makes the database refuse any version of the Observation `refused`:
+/// a failure the writer cannot foresee from the heads it knows (as a broken constraint would be).
+async fn refuse_versions_of_refused(appliance: &glastonbury::appliance::Appliance) {
+    let statements: &[&str] = match appliance.database.engine() {
+        glastonbury::storage::Engine::Sqlite => {
+            &["CREATE TRIGGER refuse_refused BEFORE INSERT ON records \
+             WHEN NEW.resource_id = 'refused' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"]
+        }
+        glastonbury::storage::Engine::Postgres => &[
+            "CREATE FUNCTION refuse_refused() RETURNS trigger LANGUAGE plpgsql AS $$ \
+             BEGIN IF NEW.resource_id = 'refused' THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+             RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_refused BEFORE INSERT ON records FOR EACH ROW \
+             EXECUTE FUNCTION refuse_refused()",
+        ],
+    };
+    for statement in statements {
+        sqlx::query(statement)
+            .execute(appliance.database.pool())
+            .await
+            .unwrap();
+    }
+}
+
+async fn a_unit_the_database_refuses_fails_alone_in_its_batch(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    refuse_versions_of_refused(&appliance).await;
+    let records = Arc::clone(&appliance.records);
+    let principal = clinician();
+    let update = Arc::new(observation_update(&records, &principal).await);
+    let journal_before = journal_size(&appliance).await;
+    // Units that update `shared` and then write `refused`, sent at the same time as units that
+    // only update `shared`, so that batches mix both.
+    let mut tasks = Vec::new();
+    for writer in 0..16 {
+        let records = Arc::clone(&records);
+        let update = Arc::clone(&update);
+        tasks.push(tokio::spawn(async move {
+            let mut landed = 0;
+            for round in 0..10 {
+                let text = format!("writer {writer} round {round}");
+                let shared =
+                    prepared_observation(&records, &update, "shared", &text, Precondition::None)
+                        .await;
+                if writer % 2 == 0 {
+                    records.commit(vec![shared]).await.unwrap();
+                    landed += 1;
+                    continue;
+                }
+                let refused =
+                    prepared_observation(&records, &update, "refused", &text, Precondition::None)
+                        .await;
+                let failed = records.commit(vec![shared, refused]).await;
+                assert!(
+                    matches!(failed, Err(RecordError::Storage(_))),
+                    "the refused unit fails: {failed:?}"
+                );
+            }
+            landed
+        }));
+    }
+    let mut landed = 0;
+    for task in tasks {
+        landed += task.await.unwrap();
+    }
+    assert_eq!(landed, 80);
+    let versions: Vec<(String, i64)> = sqlx::query(
+        "SELECT resource_id, version FROM records WHERE resource_type = 'Observation' ORDER BY resource_id, version",
+    )
+    .fetch_all(appliance.database.pool())
+    .await
+    .unwrap()
+    .iter()
+    .map(|row| (row.try_get(0).unwrap(), row.try_get(1).unwrap()))
+    .collect();
+    let expected: Vec<(String, i64)> = (1..=80)
+        .map(|version| ("shared".to_owned(), version))
+        .collect();
+    assert_eq!(
+        versions, expected,
+        "only the units that landed made versions"
+    );
+    assert_eq!(
+        journal_size(&appliance).await - journal_before,
+        80,
+        "one leaf per landed unit, none for a refused one"
+    );
+    let keys = appliance.checkpoints.keys().await.unwrap();
+    let mut connection = appliance.database.pool().acquire().await.unwrap();
+    glastonbury::journal::fsck::check(&mut connection, keys.verifiers())
+        .await
+        .expect("the journal's tree matches its leaves");
+    drop(connection);
+    appliance.close().await;
+}
+
 async fn shredding_one_patient_leaves_others_readable(engine: EngineUnderTest) {
     let Some(test) = appliance_for(engine) else {
         return;
@@ -536,6 +635,7 @@ on_both_engines!(
     every_access_and_denial_is_journaled,
     concurrent_writers_all_land,
     a_failed_unit_in_a_batch_leaves_no_version_behind,
+    a_unit_the_database_refuses_fails_alone_in_its_batch,
     shredding_one_patient_leaves_others_readable,
     rotation_rewraps_keys_and_keeps_payloads,
     large_bodies_go_to_the_blob_store,
