@@ -82,17 +82,24 @@ pub async fn append_leaves(
         end_transaction(connection, finish).await?;
         return Ok(first_index);
     }
+    if Engine::of_connection(connection) == Engine::Sqlite {
+        let (mut script, next) = sqlite_append_statements_after(range, leaves)?;
+        if finish == Finish::Commit {
+            script.push_statement(Statement::new("COMMIT"));
+        }
+        // Leaves, nodes, head (and the commit) as one query: one round trip to SQLite's
+        // connection thread instead of three or four.
+        script.execute(connection).await?;
+        *range = next;
+        return Ok(first_index);
+    }
     let hashes: Vec<Hash> = leaves.iter().map(|leaf| leaf.hash).collect();
     let mut next = range.clone();
     let batch = next.append_batch(&hashes)?;
-    if Engine::of_connection(connection) == Engine::Sqlite {
-        append_in_one_query(connection, first_index, leaves, &batch.nodes, &next, finish).await?;
-    } else {
-        insert_leaf_rows(connection, first_index, leaves).await?;
-        insert_node_rows(connection, &batch.nodes).await?;
-        store_head(connection, &next).await?;
-        end_transaction(connection, finish).await?;
-    }
+    insert_leaf_rows(connection, first_index, leaves).await?;
+    insert_node_rows(connection, &batch.nodes).await?;
+    store_head(connection, &next).await?;
+    end_transaction(connection, finish).await?;
     *range = next;
     Ok(first_index)
 }
@@ -111,24 +118,6 @@ const INSERT_LEAVES: &str = "INSERT INTO audit_leaves (leaf_index, leaf, recorde
 const LEAF_COLUMNS: usize = 7;
 const INSERT_NODES: &str = "INSERT INTO audit_nodes (level, node_index, hash) VALUES ";
 const NODE_COLUMNS: usize = 3;
-
-/// Leaves, nodes, head (and the commit) as one multi-statement query: one round trip to SQLite's
-/// connection thread instead of three or four.
-async fn append_in_one_query(
-    connection: &mut AnyConnection,
-    first_index: u64,
-    leaves: &[PendingLeaf],
-    nodes: &[StoredNode],
-    head: &CompactRange,
-    finish: Finish,
-) -> Result<(), JournalError> {
-    let mut script = sqlite_append_statements(first_index, leaves, nodes, head)?;
-    if finish == Finish::Commit {
-        script.push_statement(Statement::new("COMMIT"));
-    }
-    script.execute(connection).await?;
-    Ok(())
-}
 
 /// The statements that append `leaves` after `range` on SQLite (leaf rows, completed nodes, new
 /// head), for the caller to run at the end of its own multi-statement query; with the range the
@@ -219,18 +208,11 @@ fn leaf_row_values(
 
 /// `[[level, index, "hex hash"], …]`.
 fn nodes_as_json(nodes: &[StoredNode]) -> String {
-    let rows: Vec<String> = nodes
+    let rows: Vec<serde_json::Value> = nodes
         .iter()
-        .map(|node| {
-            format!(
-                "[{},{},\"{}\"]",
-                node.id.level,
-                node.id.index,
-                hex::encode(node.hash)
-            )
-        })
+        .map(|node| serde_json::json!([node.id.level, node.id.index, hex::encode(node.hash)]))
         .collect();
-    format!("[{}]", rows.join(","))
+    serde_json::Value::Array(rows).to_string()
 }
 
 async fn insert_leaf_rows(

@@ -34,7 +34,7 @@ impl KnownHeads {
     /// unknown).
     pub fn records_of<'a>(rows: impl Iterator<Item = &'a RowWrite>) -> Vec<RecordName> {
         let mut seen = std::collections::HashSet::new();
-        rows.map(|row| (row.resource_type.clone(), row.resource_id.clone()))
+        rows.map(name_of)
             .filter(|name| seen.insert(name.clone()))
             .take(MAX_KNOWN_HEADS)
             .collect()
@@ -83,9 +83,7 @@ impl KnownHeads {
 
     /// The head of `row`'s record, if known.
     pub fn get(&self, row: &RowWrite) -> Option<Head> {
-        self.heads
-            .get(&(row.resource_type.clone(), row.resource_id.clone()))
-            .copied()
+        self.heads.get(&name_of(row)).copied()
     }
 
     /// Whether the head of every record `rows` write is known.
@@ -95,8 +93,7 @@ impl KnownHeads {
 
     /// Notes the head read for a row's record.
     pub fn learn(&mut self, row: &RowWrite, head: Head) {
-        self.heads
-            .insert((row.resource_type.clone(), row.resource_id.clone()), head);
+        self.heads.insert(name_of(row), head);
     }
 
     /// What is known of the records `rows` write, to [`restore`](Self::restore) after a unit
@@ -104,7 +101,7 @@ impl KnownHeads {
     pub fn save(&self, rows: &[RowWrite]) -> Vec<(RecordName, Option<Head>)> {
         rows.iter()
             .map(|row| {
-                let name = (row.resource_type.clone(), row.resource_id.clone());
+                let name = name_of(row);
                 let head = self.heads.get(&name).copied();
                 (name, head)
             })
@@ -124,19 +121,20 @@ impl KnownHeads {
 
     /// Notes the version a row just wrote.
     pub fn wrote(&mut self, row: &RowWrite, version: i64) {
-        self.heads.insert(
-            (row.resource_type.clone(), row.resource_id.clone()),
-            Some((version, row.deleted)),
-        );
+        self.learn(row, Some((version, row.deleted)));
     }
 
     /// Forgets the heads of `rows` (their unit was undone): they are read again when needed.
     pub fn forget(&mut self, rows: &[RowWrite]) {
         for row in rows {
-            self.heads
-                .remove(&(row.resource_type.clone(), row.resource_id.clone()));
+            self.heads.remove(&name_of(row));
         }
     }
+}
+
+/// The record a row writes.
+fn name_of(row: &RowWrite) -> RecordName {
+    (row.resource_type.clone(), row.resource_id.clone())
 }
 
 /// Reads a record's head from the database (inside the batch's transaction).

@@ -266,6 +266,46 @@ async fn prepared_observation(
         .unwrap()
 }
 
+/// 16 writers at once, 10 rounds each: even writers commit a unit that updates `shared`, odd
+/// ones a unit that updates `shared` and then writes `second` (with `precondition`), whose
+/// outcome `check_failed` checks. Returns how many units landed.
+async fn commit_mixed_units(
+    records: &Arc<glastonbury::records::Records>,
+    update: &Arc<glastonbury::access::Allowed<access::Update>>,
+    second: &'static str,
+    precondition: Precondition,
+    check_failed: fn(&Result<Vec<glastonbury::records::RecordVersion>, RecordError>),
+) -> usize {
+    let mut tasks = Vec::new();
+    for writer in 0..16 {
+        let records = Arc::clone(records);
+        let update = Arc::clone(update);
+        tasks.push(tokio::spawn(async move {
+            let mut landed = 0;
+            for round in 0..10 {
+                let text = format!("writer {writer} round {round}");
+                let shared =
+                    prepared_observation(&records, &update, "shared", &text, Precondition::None)
+                        .await;
+                if writer % 2 == 0 {
+                    records.commit(vec![shared]).await.unwrap();
+                    landed += 1;
+                    continue;
+                }
+                let second =
+                    prepared_observation(&records, &update, second, &text, precondition).await;
+                check_failed(&records.commit(vec![shared, second]).await);
+            }
+            landed
+        }));
+    }
+    let mut landed = 0;
+    for task in tasks {
+        landed += task.await.unwrap();
+    }
+    landed
+}
+
 async fn a_failed_unit_in_a_batch_leaves_no_version_behind(engine: EngineUnderTest) {
     let Some(test) = appliance_for(engine) else {
         return;
@@ -284,40 +324,16 @@ async fn a_failed_unit_in_a_batch_leaves_no_version_behind(engine: EngineUnderTe
     let update = Arc::new(observation_update(&records, &principal).await);
     // Units that write `shared` and then fail (their second row must not exist but does), sent
     // at the same time as units that only update `shared`, so that batches mix both.
-    let mut tasks = Vec::new();
-    for writer in 0..16 {
-        let records = Arc::clone(&records);
-        let update = Arc::clone(&update);
-        tasks.push(tokio::spawn(async move {
-            let mut landed = 0;
-            for round in 0..10 {
-                let text = format!("writer {writer} round {round}");
-                let shared =
-                    prepared_observation(&records, &update, "shared", &text, Precondition::None)
-                        .await;
-                if writer % 2 == 0 {
-                    records.commit(vec![shared]).await.unwrap();
-                    landed += 1;
-                    continue;
-                }
-                let taken = prepared_observation(
-                    &records,
-                    &update,
-                    "taken",
-                    &text,
-                    Precondition::MustNotExist,
-                )
-                .await;
-                let failed = records.commit(vec![shared, taken]).await;
-                assert!(matches!(failed, Err(RecordError::AlreadyExists)));
-            }
-            landed
-        }));
-    }
-    let mut landed = 0;
-    for task in tasks {
-        landed += task.await.unwrap();
-    }
+    let landed = commit_mixed_units(
+        &records,
+        &update,
+        "taken",
+        Precondition::MustNotExist,
+        |failed| {
+            assert!(matches!(failed, Err(RecordError::AlreadyExists)));
+        },
+    )
+    .await;
     let read = records
         .authorize::<access::Read>(&principal, "Observation")
         .await
@@ -377,38 +393,13 @@ async fn a_unit_the_database_refuses_fails_alone_in_its_batch(engine: EngineUnde
     let journal_before = journal_size(&appliance).await;
     // Units that update `shared` and then write `refused`, sent at the same time as units that
     // only update `shared`, so that batches mix both.
-    let mut tasks = Vec::new();
-    for writer in 0..16 {
-        let records = Arc::clone(&records);
-        let update = Arc::clone(&update);
-        tasks.push(tokio::spawn(async move {
-            let mut landed = 0;
-            for round in 0..10 {
-                let text = format!("writer {writer} round {round}");
-                let shared =
-                    prepared_observation(&records, &update, "shared", &text, Precondition::None)
-                        .await;
-                if writer % 2 == 0 {
-                    records.commit(vec![shared]).await.unwrap();
-                    landed += 1;
-                    continue;
-                }
-                let refused =
-                    prepared_observation(&records, &update, "refused", &text, Precondition::None)
-                        .await;
-                let failed = records.commit(vec![shared, refused]).await;
-                assert!(
-                    matches!(failed, Err(RecordError::Storage(_))),
-                    "the refused unit fails: {failed:?}"
-                );
-            }
-            landed
-        }));
-    }
-    let mut landed = 0;
-    for task in tasks {
-        landed += task.await.unwrap();
-    }
+    let landed = commit_mixed_units(&records, &update, "refused", Precondition::None, |failed| {
+        assert!(
+            matches!(failed, Err(RecordError::Storage(_))),
+            "the refused unit fails: {failed:?}"
+        );
+    })
+    .await;
     assert_eq!(landed, 80);
     let versions: Vec<(String, i64)> = sqlx::query(
         "SELECT resource_id, version FROM records WHERE resource_type = 'Observation' ORDER BY resource_id, version",
