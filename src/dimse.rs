@@ -495,6 +495,13 @@ impl Context<'_> {
         {
             Ok(_) => (status::SUCCESS, None),
             Err(RecordError::Invalid(reason)) => (status::UNABLE_TO_PROCESS, Some(reason)),
+            Err(RecordError::Shredded) => {
+                tracing::info!("c-store refused: the patient was crypto-shredded");
+                (
+                    status::REFUSED_NOT_AUTHORIZED,
+                    Some("this patient's data was crypto-shredded; nothing was stored".to_owned()),
+                )
+            }
             Err(error) => {
                 tracing::error!(error = %error, "c-store not stored");
                 (

@@ -3,6 +3,8 @@
 //! which would otherwise allocate whatever a lying length asks for (a 4 GiB value in a 40 KB
 //! file) before noticing the data is not there.
 
+use std::ops::Range;
+
 use dicom_core::dictionary::DataDictionary;
 use dicom_core::{Tag, VR};
 use dicom_dictionary_std::StandardDataDictionary;
@@ -45,13 +47,24 @@ pub enum StructureError {
 
 /// Checks `data` (a whole data set, or the file meta group) in `encoding`.
 pub fn check(data: &[u8], encoding: Encoding) -> Result<(), StructureError> {
+    pixel_data_span(data, encoding).map(|_| ())
+}
+
+/// Checks `data` as [`check`] does and tells where its top-level Pixel Data element lies, header
+/// included: a reader that needs only the other attributes can skip those bytes.
+pub fn pixel_data_span(
+    data: &[u8],
+    encoding: Encoding,
+) -> Result<Option<Range<usize>>, StructureError> {
     let mut scanner = Scanner {
         data,
         position: 0,
         encoding,
         depth: 0,
+        pixel_data: None,
     };
-    scanner.data_set(Some(data.len()))
+    scanner.data_set(Some(data.len()))?;
+    Ok(scanner.pixel_data)
 }
 
 struct Scanner<'a> {
@@ -59,6 +72,8 @@ struct Scanner<'a> {
     position: usize,
     encoding: Encoding,
     depth: usize,
+    /// The top-level Pixel Data element, once met.
+    pixel_data: Option<Range<usize>>,
 }
 
 struct Header {
@@ -76,6 +91,7 @@ impl Scanner<'_> {
                 None if self.position >= self.data.len() => return Err(StructureError::Truncated),
                 _ => {}
             }
+            let element_start = self.position;
             let header = self.header()?;
             if header.tag == ITEM_DELIMITATION {
                 return match end {
@@ -87,6 +103,9 @@ impl Scanner<'_> {
                 return Err(StructureError::StrayDelimiter);
             }
             self.element(&header, end.unwrap_or(self.data.len()))?;
+            if self.depth == 0 && header.tag == PIXEL_DATA {
+                self.pixel_data = Some(element_start..self.position);
+            }
         }
     }
 
@@ -318,6 +337,27 @@ mod tests {
         let mut data = explicit((0x0010, 0x0010), b"PN", b"Doe^Jane");
         data.extend(explicit((0x0010, 0x0020), b"LO", b"ID-1"));
         assert_eq!(check(&data, Encoding::ExplicitLittle), Ok(()));
+    }
+
+    #[test]
+    fn the_top_level_pixel_data_is_located_header_included() {
+        let mut data = explicit((0x0010, 0x0010), b"PN", b"Doe^Jane");
+        let pixel_data_start = data.len();
+        // OB has a 4-byte length after two reserved bytes.
+        data.extend([0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 4, 0, 0, 0]);
+        data.extend([1, 2, 3, 4]);
+        let pixel_data_end = data.len();
+        // Data Set Trailing Padding after it.
+        data.extend([0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            pixel_data_span(&data, Encoding::ExplicitLittle),
+            Ok(Some(pixel_data_start..pixel_data_end))
+        );
+        let without = explicit((0x0010, 0x0010), b"PN", b"Doe^Jane");
+        assert_eq!(
+            pixel_data_span(&without, Encoding::ExplicitLittle),
+            Ok(None)
+        );
     }
 
     #[test]

@@ -155,14 +155,24 @@ pub fn from_data_set(
     Ok(instance)
 }
 
-/// Reads the whole data set after the structural check (so every declared length fits the
-/// data), and keeps it without Pixel Data.
+/// Reads the data set without its Pixel Data after the structural check (so every declared
+/// length fits the data). The Pixel Data bytes are skipped, not parsed: they are most of an
+/// image's size, and the header is all that indexing and metadata need.
 fn parse_data_set(
     data: &[u8],
     transfer_syntax_uid: &str,
 ) -> Result<InMemDicomObject, InstanceError> {
-    let mut object = read_data_set(data, transfer_syntax_uid)?;
-    object.remove_element(tags::PIXEL_DATA);
+    let readable = ReadableDataSet::of(data, transfer_syntax_uid)?;
+    let data = readable.bytes(data);
+    let Some(pixel_data) = guard::pixel_data_span(data, readable.encoding)? else {
+        return readable.read(data);
+    };
+    let mut object = readable.read(&data[..pixel_data.start])?;
+    if pixel_data.end < data.len() {
+        for element in readable.read(&data[pixel_data.end..])? {
+            object.put(element);
+        }
+    }
     Ok(object)
 }
 
@@ -171,24 +181,56 @@ fn read_data_set(
     data: &[u8],
     transfer_syntax_uid: &str,
 ) -> Result<InMemDicomObject, InstanceError> {
-    let transfer_syntax_uid = trim_uid(transfer_syntax_uid);
-    let (encoding, parse_as, inflated) = match transfer_syntax_uid {
-        IMPLICIT_VR_LITTLE_ENDIAN => (Encoding::ImplicitLittle, transfer_syntax_uid, None),
-        EXPLICIT_VR_BIG_ENDIAN => (Encoding::ExplicitBig, transfer_syntax_uid, None),
-        DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN => (
-            Encoding::ExplicitLittle,
-            EXPLICIT_VR_LITTLE_ENDIAN,
-            Some(inflate(data)?),
-        ),
-        _ => (Encoding::ExplicitLittle, transfer_syntax_uid, None),
-    };
-    let syntax = TransferSyntaxRegistry
-        .get(parse_as)
-        .filter(|syntax| !syntax.is_unsupported() && syntax.can_decode_dataset())
-        .ok_or_else(|| InstanceError::UnsupportedTransferSyntax(transfer_syntax_uid.to_owned()))?;
-    let data = inflated.as_deref().unwrap_or(data);
-    guard::check(data, encoding)?;
-    InMemDicomObject::read_dataset_with_ts(data, syntax).map_err(|_| InstanceError::Unparseable)
+    let readable = ReadableDataSet::of(data, transfer_syntax_uid)?;
+    let data = readable.bytes(data);
+    guard::check(data, readable.encoding)?;
+    readable.read(data)
+}
+
+/// How to read a data set of one transfer syntax: the parser's syntax, the encoding the
+/// structural check walks, and the inflated bytes of a deflated data set.
+struct ReadableDataSet {
+    syntax: &'static dicom_encoding::TransferSyntax,
+    encoding: Encoding,
+    inflated: Option<Vec<u8>>,
+}
+
+impl ReadableDataSet {
+    fn of(data: &[u8], transfer_syntax_uid: &str) -> Result<Self, InstanceError> {
+        let transfer_syntax_uid = trim_uid(transfer_syntax_uid);
+        let (encoding, parse_as, inflated) = match transfer_syntax_uid {
+            IMPLICIT_VR_LITTLE_ENDIAN => (Encoding::ImplicitLittle, transfer_syntax_uid, None),
+            EXPLICIT_VR_BIG_ENDIAN => (Encoding::ExplicitBig, transfer_syntax_uid, None),
+            DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN => (
+                Encoding::ExplicitLittle,
+                EXPLICIT_VR_LITTLE_ENDIAN,
+                Some(inflate(data)?),
+            ),
+            _ => (Encoding::ExplicitLittle, transfer_syntax_uid, None),
+        };
+        let syntax = TransferSyntaxRegistry
+            .get(parse_as)
+            .filter(|syntax| !syntax.is_unsupported() && syntax.can_decode_dataset())
+            .ok_or_else(|| {
+                InstanceError::UnsupportedTransferSyntax(transfer_syntax_uid.to_owned())
+            })?;
+        Ok(Self {
+            syntax,
+            encoding,
+            inflated,
+        })
+    }
+
+    /// The bytes to parse: the inflated ones of a deflated data set, `data` otherwise.
+    fn bytes<'a>(&'a self, data: &'a [u8]) -> &'a [u8] {
+        self.inflated.as_deref().unwrap_or(data)
+    }
+
+    /// Parses bytes the structural check has passed.
+    fn read(&self, checked: &[u8]) -> Result<InMemDicomObject, InstanceError> {
+        InMemDicomObject::read_dataset_with_ts(checked, self.syntax)
+            .map_err(|_| InstanceError::Unparseable)
+    }
 }
 
 fn inflate(data: &[u8]) -> Result<Vec<u8>, InstanceError> {

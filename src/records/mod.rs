@@ -100,8 +100,18 @@ pub enum RecordError {
     Blob(BlobError),
 }
 
+/// The message with which the database refuses new content for a crypto-shredded patient (the
+/// `refuse_records_of_shredded_patients` trigger of migration 0010, on both engines).
+pub const SHREDDED_PATIENT_REFUSAL: &str = "glastonbury: the patient was crypto-shredded";
+
 impl From<sqlx::Error> for RecordError {
     fn from(error: sqlx::Error) -> Self {
+        let refused_as_shredded = error
+            .as_database_error()
+            .is_some_and(|database_error| database_error.message() == SHREDDED_PATIENT_REFUSAL);
+        if refused_as_shredded {
+            return Self::Shredded;
+        }
         Self::Storage(StorageError::from(error))
     }
 }

@@ -793,20 +793,29 @@ async fn run_store(
         return bad_request("the multipart Content-Type has no boundary");
     };
     let records = &state.appliance.records;
-    let allowed = match records
-        .authorize::<access::Create>(&caller, IMAGING_RESOURCE_TYPE)
-        .await
-    {
+    // The caller's AE title picks the ingest de-identification profile; it is read while the
+    // policy decides.
+    let (allowed, source_ae_title) = tokio::join!(
+        records.authorize::<access::Create>(&caller, IMAGING_RESOURCE_TYPE),
+        state.appliance.clients.ae_title_of(&caller.id)
+    );
+    let allowed = match allowed {
         Ok(allowed) => allowed,
         Err(error) => return problem(error),
     };
-    let source_ae_title = state
-        .appliance
-        .clients
-        .ae_title_of(&caller.id)
-        .await
-        .ok()
-        .flatten();
+    // Without it an instance could be stored without the profile its source requires.
+    let source_ae_title = match source_ae_title {
+        Ok(ae_title) => ae_title,
+        Err(error) => {
+            tracing::error!(error = %error, "stow refused: the caller's AE title could not be read");
+            return Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Service Unavailable",
+                "storage is unavailable; nothing was stored".to_owned(),
+            )
+            .into_response();
+        }
+    };
     let mut reader = PartReader::new(&boundary, multipart::DEFAULT_MAX_PART_BYTES);
     let mut body = request.into_body().into_data_stream();
     let mut outcomes = Vec::new();
@@ -916,6 +925,14 @@ async fn store_part(
                 sop_class_uid,
                 sop_instance_uid,
                 reason: 0xC000,
+            }
+        }
+        Err(RecordError::Shredded) => {
+            tracing::info!("stow instance refused: the patient was crypto-shredded");
+            StoreOutcome::Failed {
+                sop_class_uid,
+                sop_instance_uid,
+                reason: glastonbury_dicom::dimse::status::REFUSED_NOT_AUTHORIZED,
             }
         }
         Err(error) => {

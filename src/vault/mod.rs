@@ -33,6 +33,16 @@ pub struct PatientRecipient {
     index_key: Arc<IndexKey>,
 }
 
+impl PatientRecipient {
+    /// The public half of a patient's key pair.
+    fn of(key_pair: &PatientKeyPair) -> Self {
+        Self {
+            recipient: key_pair.recipient.clone(),
+            index_key: Arc::clone(&key_pair.index_key),
+        }
+    }
+}
+
 /// A patient's unwrapped identity with what derives from it (its recipient and index key),
 /// cached together so that a write to a patient does no X25519 multiplication to find them.
 struct PatientKeyPair {
@@ -384,21 +394,27 @@ impl Vault {
         patient_ref: &str,
         plaintext: &[u8],
     ) -> Result<Vec<u8>, VaultError> {
-        let recipient = self.patient_recipient(patient_ref).await?;
-        recipient.encrypt(plaintext)
+        let key_pair = self.patient_key_pair(patient_ref, true).await?;
+        PatientRecipient::of(&key_pair).encrypt(plaintext)
     }
 
-    /// The patient's age recipient (creating the patient key if needed), for a writer that
-    /// encrypts several payloads of one record: one key lookup and shred check for all of them.
+    /// The patient's age recipient (creating the patient key if needed), for a writer of a
+    /// `records` row that encrypts several payloads of it.
+    ///
+    /// A key this process already holds is used without asking the database whether the patient
+    /// was shredded since: the `refuse_records_of_shredded_patients` trigger (migration 0010)
+    /// refuses the row inside the writing transaction, so nothing encrypted here can land for a
+    /// shredded patient. Payloads that do not go into a `records` row use
+    /// [`Vault::encrypt_for_patient`], which always checks.
     pub async fn patient_recipient(
         &self,
         patient_ref: &str,
     ) -> Result<PatientRecipient, VaultError> {
+        if let Some(key_pair) = self.cached(patient_ref) {
+            return Ok(PatientRecipient::of(&key_pair));
+        }
         let key_pair = self.patient_key_pair(patient_ref, true).await?;
-        Ok(PatientRecipient {
-            recipient: key_pair.recipient.clone(),
-            index_key: Arc::clone(&key_pair.index_key),
-        })
+        Ok(PatientRecipient::of(&key_pair))
     }
 
     /// Decrypts a payload (an age file) with the patient's identity.

@@ -312,6 +312,46 @@ fn text(value: &Value, tag: &str) -> Option<String> {
     }
 }
 
+/// The header an instance is indexed by is read without parsing Pixel Data: it must hold every
+/// other attribute, those after Pixel Data too.
+#[test]
+fn the_header_of_every_corpus_file_is_its_data_set_without_pixel_data() {
+    let mut compared = 0;
+    for path in files_under(&test_files()) {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let Ok(instance) = glastonbury_dicom::instance::from_part10(bytes.clone()) else {
+            continue;
+        };
+        let mut whole = glastonbury_dicom::instance::read_whole(&bytes)
+            .unwrap()
+            .into_inner();
+        whole.remove_element(dicom_dictionary_std::tags::PIXEL_DATA);
+        // Compared as text: dicom-rs holds no two undefined lengths equal.
+        assert_eq!(
+            format!("{:?}", instance.header),
+            format!("{whole:?}"),
+            "{}",
+            path.display()
+        );
+        compared += 1;
+    }
+    assert!(compared >= 30, "only {compared} corpus files were read");
+    // CT_small with Data Set Trailing Padding after its Pixel Data.
+    let mut padded = read("CT_small.dcm");
+    padded.extend([0xFC, 0xFF, 0xFC, 0xFF, b'O', b'B', 0, 0, 2, 0, 0, 0, 0, 0]);
+    let instance = glastonbury_dicom::instance::from_part10(padded).unwrap();
+    let padding = dicom_core::Tag(0xFFFC, 0xFFFC);
+    assert!(instance.header.element(padding).is_ok());
+    assert!(
+        instance
+            .header
+            .element(dicom_dictionary_std::tags::PIXEL_DATA)
+            .is_err()
+    );
+}
+
 #[test]
 fn stow_qido_and_wado_round_trip_every_transfer_syntax_byte_for_byte() {
     let gateway = Gateway::start();
@@ -882,6 +922,16 @@ fn shredding_a_patient_makes_their_instances_and_headers_unreadable() {
         String::from_utf8_lossy(&output.stderr)
     );
 
+    // The server still holds the patient's key (nothing of theirs was read since another process
+    // shredded it): the instance sent again is refused as not authorized, and nothing appears.
+    let (status, answer) = gateway.stow(&gateway.writer_token, "studies", &[read("CT_small.dcm")]);
+    assert_eq!(status, 409, "{answer}");
+    let failure = &answer["00081198"]["Value"][0];
+    assert_eq!(failure["00081197"]["Value"][0].as_u64(), Some(0x0124));
+    assert_eq!(
+        failure["00081155"]["Value"][0].as_str(),
+        Some(shredded.sop_instance_uid.as_str())
+    );
     assert_eq!(metadata_status(&shredded), 410);
     let retrieval = gateway
         .client

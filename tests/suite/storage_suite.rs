@@ -475,6 +475,67 @@ async fn shredding_one_patient_leaves_others_readable(engine: EngineUnderTest) {
     appliance.close().await;
 }
 
+/// A patient shredded by another process (`glastonbury patient shred`, or another replica) while
+/// this one still holds their key: the database itself refuses new content for them.
+async fn a_patient_shredded_by_another_process_gets_no_new_content(engine: EngineUnderTest) {
+    let Some(test) = appliance_for(engine) else {
+        return;
+    };
+    let appliance = test.open().await;
+    let records = &appliance.records;
+    let principal = clinician();
+    let create = records
+        .authorize::<access::Create>(&principal, "Observation")
+        .await
+        .unwrap();
+    records
+        .create(&create, "a", body(Some("alice"), "alice data"))
+        .await
+        .unwrap();
+    // What `patient shred` does to the key row, done behind this process's back: its cache still
+    // holds alice's key.
+    sqlx::query(
+        "UPDATE patient_keys SET wrapped_identity = NULL, shredded_at = 1 \
+         WHERE patient_ref = (SELECT patient_ref FROM records WHERE resource_id = 'a')",
+    )
+    .execute(appliance.database.pool())
+    .await
+    .unwrap();
+    let refused = records
+        .create(&create, "a2", body(Some("alice"), "more"))
+        .await;
+    assert!(matches!(refused, Err(RecordError::Shredded)), "{refused:?}");
+    let alice_rows: i64 = sqlx::query(
+        "SELECT COUNT(*) FROM records WHERE patient_ref = \
+         (SELECT patient_ref FROM records WHERE resource_id = 'a')",
+    )
+    .fetch_one(appliance.database.pool())
+    .await
+    .unwrap()
+    .try_get(0)
+    .unwrap();
+    assert_eq!(alice_rows, 1, "nothing new was stored for alice");
+    records
+        .create(&create, "b", body(Some("bob"), "bob data"))
+        .await
+        .expect("other patients' writes still land");
+    let delete = records
+        .authorize::<access::Delete>(&principal, "Observation")
+        .await
+        .unwrap();
+    records
+        .delete(&delete, "a", Precondition::None)
+        .await
+        .expect("a tombstone carries no content and still lands");
+    let keys = appliance.checkpoints.keys().await.unwrap();
+    let mut connection = appliance.database.pool().acquire().await.unwrap();
+    glastonbury::journal::fsck::check(&mut connection, keys.verifiers())
+        .await
+        .expect("the journal's tree matches its leaves");
+    drop(connection);
+    appliance.close().await;
+}
+
 async fn rotation_rewraps_keys_and_keeps_payloads(engine: EngineUnderTest) {
     let Some(test) = appliance_for(engine) else {
         return;
@@ -628,6 +689,7 @@ on_both_engines!(
     a_failed_unit_in_a_batch_leaves_no_version_behind,
     a_unit_the_database_refuses_fails_alone_in_its_batch,
     shredding_one_patient_leaves_others_readable,
+    a_patient_shredded_by_another_process_gets_no_new_content,
     rotation_rewraps_keys_and_keeps_payloads,
     large_bodies_go_to_the_blob_store,
     index_values_open_for_their_patient_until_shredded,

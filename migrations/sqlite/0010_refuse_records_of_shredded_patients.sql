@@ -1,0 +1,13 @@
+-- Refuses new content for a crypto-shredded patient inside the writing transaction itself.
+-- A process that still holds the patient's key in memory (another replica, or one that loaded the
+-- key before `glastonbury patient shred` ran elsewhere) can then never encrypt new data under a
+-- destroyed identity. Tombstones (deleted = 1) carry no content and are still allowed.
+CREATE TRIGGER refuse_records_of_shredded_patients
+BEFORE INSERT ON records
+WHEN NEW.deleted = 0 AND EXISTS (
+    SELECT 1 FROM patient_keys
+    WHERE patient_ref = NEW.patient_ref AND shredded_at IS NOT NULL
+)
+BEGIN
+    SELECT RAISE(ABORT, 'glastonbury: the patient was crypto-shredded');
+END;
