@@ -11,11 +11,18 @@ pub fn header_json(header: &InMemDicomObject) -> Result<Value, serde_json::Error
     dicom_json::to_value(header)
 }
 
-/// DICOM JSON of a header, serialized straight to bytes (no intermediate JSON tree), as the
-/// index stores it.
-pub fn header_json_bytes(header: &InMemDicomObject) -> Result<Vec<u8>, serde_json::Error> {
-    dicom_json::to_vec(header)
+/// DICOM JSON of a header, written straight to bytes (no intermediate JSON tree), as the index
+/// stores it: the same bytes as `dicom_json::to_vec` (see [`crate::json_writer`]).
+pub fn header_json_bytes(
+    header: &InMemDicomObject,
+) -> Result<Vec<u8>, crate::json_writer::JsonWriteError> {
+    let mut out = Vec::with_capacity(HEADER_JSON_CAPACITY);
+    crate::json_writer::write_data_set(&mut out, header)?;
+    Ok(out)
 }
+
+/// Room for a typical CT or MR header's DICOM JSON, so writing it rarely reallocates.
+const HEADER_JSON_CAPACITY: usize = 8192;
 
 /// A header back from DICOM JSON (for de-identifying query results).
 pub fn header_from_json(json: &Value) -> Result<InMemDicomObject, serde_json::Error> {

@@ -11,6 +11,7 @@ pub mod frames;
 pub mod guard;
 pub mod instance;
 pub mod json;
+pub mod json_writer;
 pub mod multipart;
 pub mod qido;
 pub mod render;

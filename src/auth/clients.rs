@@ -1,5 +1,8 @@
 //! API clients: registration (role, scopes, secret shown once) and secret checks in constant time.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use rand::RngCore;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -32,6 +35,40 @@ pub struct ClientRegistration {
 #[derive(Debug, Clone)]
 pub struct Clients {
     database: Database,
+    ae_titles: Arc<RegisteredAeTitles>,
+}
+
+/// The most clients whose AE title is remembered; past it the memory starts over (a miss only
+/// costs the query it saves).
+const MAX_REMEMBERED_AE_TITLES: usize = 4096;
+
+/// The AE titles of registered clients, remembered after the first lookup: a client's AE title
+/// is fixed when it is registered (no command changes it, and its id is never reused), so a
+/// remembered answer cannot go stale, on any replica. Clients not found are not remembered.
+/// A command that one day changes a registered AE title must make every replica forget.
+#[derive(Debug, Default)]
+struct RegisteredAeTitles {
+    by_client: Mutex<HashMap<String, Option<String>>>,
+}
+
+impl RegisteredAeTitles {
+    fn recall(&self, client_id: &str) -> Option<Option<String>> {
+        self.lock().get(client_id).cloned()
+    }
+
+    fn remember(&self, client_id: &str, ae_title: Option<String>) {
+        let mut remembered = self.lock();
+        if remembered.len() >= MAX_REMEMBERED_AE_TITLES {
+            remembered.clear();
+        }
+        remembered.insert(client_id.to_owned(), ae_title);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        self.by_client
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
 }
 
 /// Client secrets are 256 random bits, so one SHA-256 is enough to store them: there is nothing
@@ -71,7 +108,10 @@ fn registration_from_row(
 
 impl Clients {
     pub fn new(database: Database) -> Self {
-        Self { database }
+        Self {
+            database,
+            ae_titles: Arc::default(),
+        }
     }
 
     /// Registers a client with a fresh secret; the secret is returned once and stored hashed.
@@ -158,16 +198,20 @@ impl Clients {
         registration_from_row(client_id, &row)
     }
 
-    /// The AE title a client calls from, when it is a DICOM peer.
+    /// The AE title a client calls from, when it is a DICOM peer (looked up once per client:
+    /// see [`RegisteredAeTitles`]).
     pub async fn ae_title_of(&self, client_id: &str) -> Result<Option<String>, StorageError> {
+        if let Some(ae_title) = self.ae_titles.recall(client_id) {
+            return Ok(ae_title);
+        }
         let row = sqlx::query("SELECT ae_title FROM clients WHERE client_id = $1")
             .bind(client_id)
             .fetch_optional(self.database.pool())
             .await?;
-        Ok(match row {
-            Some(row) => row.try_get(0)?,
-            None => None,
-        })
+        let Some(row) = row else { return Ok(None) };
+        let ae_title: Option<String> = row.try_get(0)?;
+        self.ae_titles.remember(client_id, ae_title.clone());
+        Ok(ae_title)
     }
 
     /// The enabled DICOM peers by AE title: who may open a DIMSE association, and as whom.

@@ -1,6 +1,9 @@
 //! The appliance's access tokens: compact JWTs signed with Ed25519 (`EdDSA`), five minutes by
 //! default, verified with an algorithm allow-list of exactly one.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -47,21 +50,88 @@ pub struct AccessClaims {
     pub role: String,
 }
 
-/// One signing key and its id (the first 8 bytes of SHA-256 of the public key, hex).
+/// One signing key, its public half (derived once: deriving it is a scalar multiplication) and
+/// its id (the first 8 bytes of SHA-256 of the public key, hex).
 struct TokenKey {
     signing_key: SigningKey,
+    verifying_key: VerifyingKey,
     key_id: String,
 }
 
 impl TokenKey {
     fn from_seed(seed: &[u8; 32]) -> Self {
         let signing_key = SigningKey::from_bytes(seed);
-        let key_id =
-            hex::encode(&sha2::Sha256::digest_bytes(signing_key.verifying_key().as_bytes())[..8]);
+        let verifying_key = signing_key.verifying_key();
+        let key_id = hex::encode(&sha2::Sha256::digest_bytes(verifying_key.as_bytes())[..8]);
         Self {
             signing_key,
+            verifying_key,
             key_id,
         }
+    }
+}
+
+/// The most verified tokens remembered; past it the memory starts over (a miss only costs the
+/// signature check it saves).
+const MAX_REMEMBERED_TOKENS: usize = 4096;
+
+/// Tokens whose signature, issuer and audience already verified under the current key set, by
+/// the SHA-256 of the whole token: a client sends the same token with every request for its
+/// lifetime, and the Ed25519 check was the largest cost of authenticating one. The times are
+/// checked again at every use; a new key set forgets everything, and a check that started under
+/// the previous key set is not remembered.
+#[derive(Default)]
+struct VerifiedTokens {
+    remembered: Mutex<RememberedTokens>,
+}
+
+#[derive(Default)]
+struct RememberedTokens {
+    /// Moves on with every new key set.
+    key_set_generation: u64,
+    claims_by_digest: HashMap<[u8; 32], AccessClaims>,
+}
+
+impl VerifiedTokens {
+    fn digest(token: &str) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(token.as_bytes()).into()
+    }
+
+    /// The remembered claims of a token, or the key set generation to remember a check under.
+    fn recall(&self, digest: &[u8; 32]) -> Result<AccessClaims, u64> {
+        let remembered = self.lock();
+        match remembered.claims_by_digest.get(digest) {
+            Some(claims) => Ok(claims.clone()),
+            None => Err(remembered.key_set_generation),
+        }
+    }
+
+    fn remember(&self, digest: [u8; 32], claims: &AccessClaims, key_set_generation: u64) {
+        let mut remembered = self.lock();
+        if remembered.key_set_generation != key_set_generation {
+            return;
+        }
+        if remembered.claims_by_digest.len() >= MAX_REMEMBERED_TOKENS {
+            remembered.claims_by_digest.clear();
+        }
+        remembered.claims_by_digest.insert(digest, claims.clone());
+    }
+
+    fn forget(&self, digest: &[u8; 32]) {
+        self.lock().claims_by_digest.remove(digest);
+    }
+
+    fn forget_all(&self) {
+        let mut remembered = self.lock();
+        remembered.key_set_generation += 1;
+        remembered.claims_by_digest.clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RememberedTokens> {
+        self.remembered
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 }
 
@@ -71,6 +141,7 @@ impl TokenKey {
 pub struct TokenIssuer {
     /// Newest first; the first signs.
     keys: std::sync::RwLock<Vec<TokenKey>>,
+    verified: VerifiedTokens,
     issuer: String,
     lifetime_seconds: i64,
 }
@@ -101,6 +172,7 @@ impl TokenIssuer {
     pub fn with_keys(seeds: &[[u8; 32]], issuer: String, lifetime_seconds: u64) -> Self {
         Self {
             keys: std::sync::RwLock::new(seeds.iter().map(TokenKey::from_seed).collect()),
+            verified: VerifiedTokens::default(),
             issuer,
             lifetime_seconds: i64::try_from(lifetime_seconds).unwrap_or(300),
         }
@@ -116,6 +188,8 @@ impl TokenIssuer {
             .write()
             .unwrap_or_else(|poison| poison.into_inner());
         *keys = seeds.iter().map(TokenKey::from_seed).collect();
+        // A key that left the set must not keep its tokens valid through the memory.
+        self.verified.forget_all();
     }
 
     /// The ids of the keys in use, newest first.
@@ -172,8 +246,28 @@ impl TokenIssuer {
         )
     }
 
-    /// Verifies a token's algorithm, key, signature, times, issuer and audience.
+    /// Verifies a token's algorithm, key, signature, times, issuer and audience. A token that
+    /// verified before under the same key set skips the signature check; its times are checked
+    /// again.
     pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
+        let digest = VerifiedTokens::digest(token);
+        let key_set_generation = match self.verified.recall(&digest) {
+            Ok(claims) => {
+                if let Err(error) = check_times(&claims) {
+                    self.verified.forget(&digest);
+                    return Err(error);
+                }
+                return Ok(claims);
+            }
+            Err(key_set_generation) => key_set_generation,
+        };
+        let claims = self.verify_signed(token)?;
+        self.verified.remember(digest, &claims, key_set_generation);
+        Ok(claims)
+    }
+
+    /// The full check of a token not verified before.
+    fn verify_signed(&self, token: &str) -> Result<AccessClaims, TokenError> {
         let mut parts = token.split('.');
         let (Some(header_part), Some(claims_part), Some(signature_part), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
@@ -191,7 +285,7 @@ impl TokenIssuer {
                 .unwrap_or_else(|poison| poison.into_inner());
             keys.iter()
                 .find(|key| bool::from(header.kid.as_bytes().ct_eq(key.key_id.as_bytes())))
-                .map(|key| key.signing_key.verifying_key())
+                .map(|key| key.verifying_key)
                 .ok_or(TokenError::UnknownKey)?
         };
         let signature_bytes = URL_SAFE_NO_PAD
@@ -204,13 +298,7 @@ impl TokenIssuer {
             .verify(signing_input.as_bytes(), &signature)
             .map_err(|_| TokenError::BadSignature)?;
         let claims: AccessClaims = decode_part(claims_part)?;
-        let now = unix_now();
-        if claims.exp + LEEWAY_SECONDS < now {
-            return Err(TokenError::Expired);
-        }
-        if claims.nbf - LEEWAY_SECONDS > now {
-            return Err(TokenError::NotYetValid);
-        }
+        check_times(&claims)?;
         if claims.iss != self.issuer || claims.aud != self.issuer {
             return Err(TokenError::WrongAudience);
         }
@@ -226,7 +314,7 @@ impl TokenIssuer {
         let published: Vec<serde_json::Value> = keys
             .iter()
             .map(|key| {
-                let public: VerifyingKey = key.signing_key.verifying_key();
+                let public: &VerifyingKey = &key.verifying_key;
                 serde_json::json!({
                     "kty": "OKP",
                     "crv": "Ed25519",
@@ -239,6 +327,18 @@ impl TokenIssuer {
             .collect();
         serde_json::json!({ "keys": published })
     }
+}
+
+/// Whether the token is valid now (with [`LEEWAY_SECONDS`] either way).
+fn check_times(claims: &AccessClaims) -> Result<(), TokenError> {
+    let now = unix_now();
+    if claims.exp + LEEWAY_SECONDS < now {
+        return Err(TokenError::Expired);
+    }
+    if claims.nbf - LEEWAY_SECONDS > now {
+        return Err(TokenError::NotYetValid);
+    }
+    Ok(())
 }
 
 fn decode_part<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, TokenError> {
@@ -317,5 +417,42 @@ mod tests {
         token_issuer.lifetime_seconds = -120;
         let token = token_issuer.issue("client-1", "clinician", "");
         assert_eq!(issuer().verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_remembered_token_still_expires() {
+        let token_issuer = issuer();
+        let token = token_issuer.issue("client-1", "clinician", "");
+        let mut claims = token_issuer.verify(&token).unwrap();
+        claims.exp = unix_now() - 2 * LEEWAY_SECONDS;
+        token_issuer
+            .verified
+            .remember(VerifiedTokens::digest(&token), &claims, 0);
+        assert_eq!(token_issuer.verify(&token), Err(TokenError::Expired));
+    }
+
+    #[test]
+    fn a_new_key_set_forgets_verified_tokens() {
+        let token_issuer = issuer();
+        let token = token_issuer.issue("client-1", "clinician", "");
+        assert!(token_issuer.verify(&token).is_ok());
+        token_issuer.replace_keys(&[[5u8; 32]]);
+        assert_eq!(token_issuer.verify(&token), Err(TokenError::UnknownKey));
+    }
+
+    #[test]
+    fn a_check_that_started_under_the_previous_key_set_is_not_remembered() {
+        let token_issuer = issuer();
+        let token = token_issuer.issue("client-1", "clinician", "");
+        let digest = VerifiedTokens::digest(&token);
+        let Err(started_under) = token_issuer.verified.recall(&digest) else {
+            panic!("nothing was verified yet");
+        };
+        let claims = token_issuer.verify_signed(&token).unwrap();
+        token_issuer.replace_keys(&[[5u8; 32]]);
+        token_issuer
+            .verified
+            .remember(digest, &claims, started_under);
+        assert_eq!(token_issuer.verify(&token), Err(TokenError::UnknownKey));
     }
 }

@@ -352,6 +352,28 @@ fn the_header_of_every_corpus_file_is_its_data_set_without_pixel_data() {
     );
 }
 
+/// The index stores each header as DICOM JSON written by our own writer: for every corpus file
+/// it must be byte for byte what dicom-json writes, which QIDO-RS and WADO-RS metadata read back.
+#[test]
+fn the_stored_header_json_of_every_corpus_file_is_what_dicom_json_writes() {
+    let mut compared = 0;
+    for path in files_under(&test_files()) {
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        let Ok(instance) = glastonbury_dicom::instance::from_part10(bytes) else {
+            continue;
+        };
+        let Ok(reference) = dicom_json::to_vec(&instance.header) else {
+            continue;
+        };
+        let written = glastonbury_dicom::json::header_json_bytes(&instance.header).unwrap();
+        assert!(written == reference, "{}", path.display());
+        compared += 1;
+    }
+    assert!(compared >= 30, "only {compared} corpus files were compared");
+}
+
 #[test]
 fn stow_qido_and_wado_round_trip_every_transfer_syntax_byte_for_byte() {
     let gateway = Gateway::start();
