@@ -57,14 +57,8 @@ fn write_element(out: &mut Vec<u8>, element: &InMemElement) -> Result<(), JsonWr
     out.push(b'"');
     match element.value() {
         DicomValue::Sequence(sequence) => {
-            out.extend_from_slice(b",\"Value\":[");
-            for (position, item) in sequence.items().iter().enumerate() {
-                if position > 0 {
-                    out.push(b',');
-                }
-                write_data_set(out, item)?;
-            }
-            out.push(b']');
+            out.extend_from_slice(b",\"Value\":");
+            write_array(out, sequence.items(), write_data_set)?;
         }
         // Encapsulated Pixel Data is bulk data: never inlined.
         DicomValue::PixelSequence(_) | DicomValue::Primitive(PrimitiveValue::Empty) => {}
@@ -99,15 +93,23 @@ fn write_primitive(
         }
         VR::PN => {
             out.extend_from_slice(b",\"Value\":");
-            write_person_names(out, value)
+            write_array(out, value.to_multi_str().iter(), |out, name| {
+                write_person_name(out, name)
+            })
         }
         VR::FD | VR::IS | VR::FL | VR::DS | VR::SL | VR::SS | VR::SV | VR::UL | VR::US | VR::UV => {
             out.extend_from_slice(b",\"Value\":");
             write_numbers(out, vr, value)
         }
         VR::AT => {
+            let PrimitiveValue::Tags(tags) = value else {
+                return Err(JsonWriteError::ValueDoesNotFitVr { vr: "AT" });
+            };
             out.extend_from_slice(b",\"Value\":");
-            write_attribute_tags(out, value)
+            write_array(out, tags, |out, tag| {
+                write_tag(out, *tag);
+                Ok(())
+            })
         }
         VR::OB | VR::OD | VR::OF | VR::OL | VR::OV | VR::OW | VR::UN => {
             out.extend_from_slice(b",\"InlineBinary\":\"");
@@ -120,45 +122,57 @@ fn write_primitive(
     }
 }
 
-fn write_strings(out: &mut Vec<u8>, value: &PrimitiveValue) -> Result<(), JsonWriteError> {
+/// A JSON array of `items`, each written by `write_item`.
+fn write_array<T>(
+    out: &mut Vec<u8>,
+    items: impl IntoIterator<Item = T>,
+    mut write_item: impl FnMut(&mut Vec<u8>, T) -> Result<(), JsonWriteError>,
+) -> Result<(), JsonWriteError> {
     out.push(b'[');
-    for (position, text) in value.to_multi_str().iter().enumerate() {
+    for (position, item) in items.into_iter().enumerate() {
         if position > 0 {
             out.push(b',');
         }
-        serde_json::to_writer(&mut *out, text.as_str())?;
+        write_item(out, item)?;
     }
     out.push(b']');
     Ok(())
 }
 
-/// Person names as objects of their non-empty component groups.
-fn write_person_names(out: &mut Vec<u8>, value: &PrimitiveValue) -> Result<(), JsonWriteError> {
-    out.push(b'[');
-    for (position, name) in value.to_multi_str().iter().enumerate() {
-        if position > 0 {
+/// One value as serde_json writes it (strings escaped, numbers as Rust formats them).
+fn write_json<T: serde::Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    value: &T,
+) -> Result<(), JsonWriteError> {
+    serde_json::to_writer(&mut *out, value)?;
+    Ok(())
+}
+
+fn write_strings(out: &mut Vec<u8>, value: &PrimitiveValue) -> Result<(), JsonWriteError> {
+    write_array(out, value.to_multi_str().iter(), |out, text| {
+        write_json(out, text.as_str())
+    })
+}
+
+/// A person name as the object of its non-empty component groups.
+fn write_person_name(out: &mut Vec<u8>, name: &str) -> Result<(), JsonWriteError> {
+    out.push(b'{');
+    let mut groups = name.split('=');
+    let mut wrote_a_group = false;
+    for key in ["Alphabetic", "Ideographic", "Phonetic"] {
+        let group = groups.next().unwrap_or_default();
+        if group.is_empty() {
+            continue;
+        }
+        if wrote_a_group {
             out.push(b',');
         }
-        out.push(b'{');
-        let mut groups = name.split('=');
-        let mut wrote_a_group = false;
-        for key in ["Alphabetic", "Ideographic", "Phonetic"] {
-            let group = groups.next().unwrap_or_default();
-            if group.is_empty() {
-                continue;
-            }
-            if wrote_a_group {
-                out.push(b',');
-            }
-            out.push(b'"');
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":");
-            serde_json::to_writer(&mut *out, group)?;
-            wrote_a_group = true;
-        }
-        out.push(b'}');
+        write_json(out, key)?;
+        out.push(b':');
+        write_json(out, group)?;
+        wrote_a_group = true;
     }
-    out.push(b']');
+    out.push(b'}');
     Ok(())
 }
 
@@ -167,22 +181,28 @@ fn write_person_names(out: &mut Vec<u8>, value: &PrimitiveValue) -> Result<(), J
 fn write_numbers(out: &mut Vec<u8>, vr: VR, value: &PrimitiveValue) -> Result<(), JsonWriteError> {
     match value {
         PrimitiveValue::Str(_) | PrimitiveValue::Strs(_) => write_strings(out, value),
-        PrimitiveValue::U8(numbers) => write_json_numbers(out, numbers.iter()),
-        PrimitiveValue::I16(numbers) => write_json_numbers(out, numbers.iter()),
-        PrimitiveValue::U16(numbers) => write_json_numbers(out, numbers.iter()),
-        PrimitiveValue::I32(numbers) => write_json_numbers(out, numbers.iter()),
-        PrimitiveValue::U32(numbers) => write_json_numbers(out, numbers.iter()),
-        PrimitiveValue::I64(numbers) => {
-            write_wide_integers(out, numbers.iter().map(|n| i128::from(*n)))
-        }
-        PrimitiveValue::U64(numbers) => {
-            write_wide_integers(out, numbers.iter().map(|n| i128::from(*n)))
-        }
-        PrimitiveValue::F32(numbers) => write_floats(out, numbers.iter(), |n| {
-            (n.is_finite(), n.is_nan(), n.is_sign_positive())
+        PrimitiveValue::U8(numbers) => write_array(out, numbers, write_json),
+        PrimitiveValue::I16(numbers) => write_array(out, numbers, write_json),
+        PrimitiveValue::U16(numbers) => write_array(out, numbers, write_json),
+        PrimitiveValue::I32(numbers) => write_array(out, numbers, write_json),
+        PrimitiveValue::U32(numbers) => write_array(out, numbers, write_json),
+        PrimitiveValue::I64(numbers) => write_array(out, numbers, |out, number| {
+            write_wide_integer(out, i128::from(*number))
         }),
-        PrimitiveValue::F64(numbers) => write_floats(out, numbers.iter(), |n| {
-            (n.is_finite(), n.is_nan(), n.is_sign_positive())
+        PrimitiveValue::U64(numbers) => write_array(out, numbers, |out, number| {
+            write_wide_integer(out, i128::from(*number))
+        }),
+        PrimitiveValue::F32(numbers) => write_array(out, numbers, |out, number| {
+            if number.is_finite() {
+                return write_json(out, number);
+            }
+            write_non_finite(out, number.is_nan(), number.is_sign_positive())
+        }),
+        PrimitiveValue::F64(numbers) => write_array(out, numbers, |out, number| {
+            if number.is_finite() {
+                return write_json(out, number);
+            }
+            write_non_finite(out, number.is_nan(), number.is_sign_positive())
         }),
         PrimitiveValue::Empty => {
             out.extend_from_slice(b"[]");
@@ -195,80 +215,25 @@ fn write_numbers(out: &mut Vec<u8>, vr: VR, value: &PrimitiveValue) -> Result<()
     }
 }
 
-fn write_json_numbers<'a, N>(
-    out: &mut Vec<u8>,
-    numbers: impl Iterator<Item = &'a N>,
-) -> Result<(), JsonWriteError>
-where
-    N: serde::Serialize + 'a,
-{
-    out.push(b'[');
-    for (position, number) in numbers.enumerate() {
-        if position > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut *out, number)?;
+/// A 64-bit integer: a JSON number when it fits 32 bits, its text otherwise.
+fn write_wide_integer(out: &mut Vec<u8>, number: i128) -> Result<(), JsonWriteError> {
+    match i32::try_from(number) {
+        Ok(narrow) => write_json(out, &narrow),
+        Err(_) => write_json(out, &number.to_string()),
     }
-    out.push(b']');
-    Ok(())
 }
 
-fn write_wide_integers(
+fn write_non_finite(
     out: &mut Vec<u8>,
-    numbers: impl Iterator<Item = i128>,
+    is_nan: bool,
+    is_positive: bool,
 ) -> Result<(), JsonWriteError> {
-    out.push(b'[');
-    for (position, number) in numbers.enumerate() {
-        if position > 0 {
-            out.push(b',');
-        }
-        match i32::try_from(number) {
-            Ok(narrow) => serde_json::to_writer(&mut *out, &narrow)?,
-            Err(_) => serde_json::to_writer(&mut *out, &number.to_string())?,
-        }
-    }
-    out.push(b']');
-    Ok(())
-}
-
-/// Floats; `classify` answers (finite, NaN, positive) for one.
-fn write_floats<'a, F>(
-    out: &mut Vec<u8>,
-    numbers: impl Iterator<Item = &'a F>,
-    classify: impl Fn(&F) -> (bool, bool, bool),
-) -> Result<(), JsonWriteError>
-where
-    F: serde::Serialize + 'a,
-{
-    out.push(b'[');
-    for (position, number) in numbers.enumerate() {
-        if position > 0 {
-            out.push(b',');
-        }
-        match classify(number) {
-            (true, _, _) => serde_json::to_writer(&mut *out, number)?,
-            (false, true, _) => out.extend_from_slice(b"\"NaN\""),
-            (false, false, true) => out.extend_from_slice(b"\"inf\""),
-            (false, false, false) => out.extend_from_slice(b"\"-inf\""),
-        }
-    }
-    out.push(b']');
-    Ok(())
-}
-
-fn write_attribute_tags(out: &mut Vec<u8>, value: &PrimitiveValue) -> Result<(), JsonWriteError> {
-    let PrimitiveValue::Tags(tags) = value else {
-        return Err(JsonWriteError::ValueDoesNotFitVr { vr: "AT" });
+    let text = match (is_nan, is_positive) {
+        (true, _) => "NaN",
+        (false, true) => "inf",
+        (false, false) => "-inf",
     };
-    out.push(b'[');
-    for (position, tag) in tags.iter().enumerate() {
-        if position > 0 {
-            out.push(b',');
-        }
-        write_tag(out, *tag);
-    }
-    out.push(b']');
-    Ok(())
+    write_json(out, text)
 }
 
 #[cfg(test)]
