@@ -30,6 +30,7 @@ use super::{PreparedWrite, RecordError, RecordKey, RecordVersion, Records, versi
 use crate::access::{self, Allowed, Principal};
 use crate::journal::{AuditDraft, codes};
 use crate::storage::statement::Statement;
+use crate::vault::{PatientKeyring, VaultError};
 
 /// The resource type DICOM data has in policies, scopes and audit leaves.
 pub const IMAGING_RESOURCE_TYPE: &str = "ImagingStudy";
@@ -175,6 +176,21 @@ impl DicomEgress {
         json::header_json(&object).ok()
     }
 
+    /// A stored header's DICOM JSON bytes as this view shows them: as stored, or de-identified
+    /// (see [`Self::header`]); `None` when the instance is withheld.
+    fn header_bytes(&self, stored: Vec<u8>) -> Result<Option<Vec<u8>>, RecordError> {
+        let Self::Deidentified(_) = self else {
+            return Ok(Some(stored));
+        };
+        let parsed: Value = serde_json::from_slice(&stored).map_err(|_| RecordError::Damaged)?;
+        let Some(header) = self.header(parsed) else {
+            return Ok(None);
+        };
+        serde_json::to_vec(&header)
+            .map(Some)
+            .map_err(|_| RecordError::Damaged)
+    }
+
     /// Refuses matching that could re-identify a patient in a de-identified view.
     fn check_criteria(&self, query: &QidoQuery) -> Result<(), RecordError> {
         if let Self::AsStored = self {
@@ -193,6 +209,9 @@ impl DicomEgress {
         }
     }
 }
+
+/// Instance headers read in one query by [`Records::dicom_headers`].
+const HEADERS_PER_QUERY: usize = 500;
 
 impl Records {
     /// Stores a checked instance as one unit: record row (file encrypted, in the blob store when
@@ -368,13 +387,15 @@ impl Records {
         let mut matches = Vec::new();
         let mut patient_refs = BTreeSet::new();
         let mut skipped = 0;
+        let mut keyring = self.vault.keyring();
         for group in groups {
             // A shredded patient's studies are gone: they match nothing, and fail no query.
-            let stored_header = match self.decrypt_header(&group.patient_ref, &group.header).await {
-                Ok(header) => header,
-                Err(RecordError::Shredded) => continue,
-                Err(error) => return Err(error),
-            };
+            let stored_header =
+                match open_header(&mut keyring, &group.patient_ref, &group.header).await {
+                    Ok(header) => header,
+                    Err(RecordError::Shredded) => continue,
+                    Err(error) => return Err(error),
+                };
             let Some(header) = egress.header(stored_header) else {
                 continue;
             };
@@ -650,15 +671,6 @@ impl Records {
             .collect())
     }
 
-    async fn decrypt_header(
-        &self,
-        patient_ref: &str,
-        ciphertext: &[u8],
-    ) -> Result<Value, RecordError> {
-        let plaintext = self.vault.open_index_value(patient_ref, ciphertext).await?;
-        serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)
-    }
-
     /// A result's attributes: the level's defaults (or what `includefield` names), the
     /// attributes the query matched or asked for, and the computed counts and modalities.
     async fn render_match(
@@ -812,30 +824,43 @@ impl Records {
         let mut instances = Vec::with_capacity(rows.len());
         let mut patient_refs = BTreeSet::new();
         let mut withheld = false;
+        let mut keyring = self.vault.keyring();
         for row in rows {
             let instance_key: String = row.try_get(0)?;
             let patient_ref: String = row.try_get(1)?;
             let header_ciphertext: Vec<u8> = row.try_get(2)?;
-            let header = match self.decrypt_header(&patient_ref, &header_ciphertext).await {
+            let header = match keyring
+                .open_index_value(&patient_ref, &header_ciphertext)
+                .await
+            {
                 Ok(header) => header,
-                Err(RecordError::Shredded) => continue,
-                Err(error) => return Err(error),
+                Err(VaultError::PatientShredded) => continue,
+                Err(error) => return Err(error.into()),
             };
-            let burned_in = json::first_text(&header, tags::BURNED_IN_ANNOTATION)
-                .is_some_and(|flag| flag.eq_ignore_ascii_case("YES"));
+            let [burned_in, study_uid, series_uid, instance_uid] = json::first_texts_of(
+                &header,
+                [
+                    tags::BURNED_IN_ANNOTATION,
+                    tags::STUDY_INSTANCE_UID,
+                    tags::SERIES_INSTANCE_UID,
+                    tags::SOP_INSTANCE_UID,
+                ],
+            )
+            .map_err(|_| RecordError::Damaged)?;
+            let burned_in = burned_in.is_some_and(|flag| flag.eq_ignore_ascii_case("YES"));
             if burned_in && matches!(egress, DicomEgress::Deidentified(_)) {
                 withheld = true;
                 continue;
             }
-            let uid = |tag| egress.uid(&json::first_text(&header, tag).unwrap_or_default());
+            let in_view = |uid: Option<String>| egress.uid(&uid.unwrap_or_default());
             patient_refs.insert(patient_ref.clone());
             instances.push(RetrievableInstance {
                 key: RecordKey::new(DICOM_INSTANCE, &instance_key),
                 patient_ref,
                 egress: egress.clone(),
-                study_uid: uid(tags::STUDY_INSTANCE_UID),
-                series_uid: uid(tags::SERIES_INSTANCE_UID),
-                instance_uid: uid(tags::SOP_INSTANCE_UID),
+                study_uid: in_view(study_uid),
+                series_uid: in_view(series_uid),
+                instance_uid: in_view(instance_uid),
                 transfer_syntax_uid: row.try_get(3)?,
             });
         }
@@ -895,19 +920,46 @@ impl Records {
         }
     }
 
-    /// The header (DICOM JSON) of an instance the caller may retrieve.
-    pub async fn dicom_header(&self, instance: &RetrievableInstance) -> Result<Value, RecordError> {
-        let (ciphertext,): (Vec<u8>,) =
-            sqlx::query_as("SELECT header FROM dicom_instances WHERE instance_key = $1")
-                .bind(&instance.key.resource_id)
-                .fetch_one(self.database.pool())
-                .await?;
-        let header = self
-            .decrypt_header(&instance.patient_ref, &ciphertext)
-            .await?;
-        instance.egress.header(header).ok_or_else(|| {
-            RecordError::NotInView("this instance cannot be served de-identified".to_owned())
-        })
+    /// The headers of instances the caller may retrieve, in their order, each as the bytes of
+    /// its DICOM JSON object (as stored, or de-identified for the caller's view): read
+    /// [`HEADERS_PER_QUERY`] to a query and opened with one keyring, and never parsed when served
+    /// as stored, so a study's metadata costs a few queries and a copy whatever its size.
+    pub async fn dicom_headers(
+        &self,
+        instances: &[RetrievableInstance],
+    ) -> Result<Vec<Vec<u8>>, RecordError> {
+        let mut keyring = self.vault.keyring();
+        let mut headers = Vec::with_capacity(instances.len());
+        for chunk in instances.chunks(HEADERS_PER_QUERY) {
+            let mut select = Statement::new(
+                "SELECT instance_key, header FROM dicom_instances WHERE instance_key IN ",
+            );
+            select.bind_text_list(
+                chunk
+                    .iter()
+                    .map(|instance| instance.key.resource_id.as_str()),
+            );
+            let mut ciphertexts = BTreeMap::new();
+            for row in select.fetch_all(self.database.pool()).await? {
+                let ciphertext: Vec<u8> = row.try_get(1)?;
+                ciphertexts.insert(row.try_get::<String, _>(0)?, ciphertext);
+            }
+            for instance in chunk {
+                let ciphertext = ciphertexts
+                    .remove(&instance.key.resource_id)
+                    .ok_or(RecordError::NotFound)?;
+                let stored = keyring
+                    .open_index_value(&instance.patient_ref, &ciphertext)
+                    .await?;
+                let header = instance.egress.header_bytes(stored)?.ok_or_else(|| {
+                    RecordError::NotInView(
+                        "this instance cannot be served de-identified".to_owned(),
+                    )
+                })?;
+                headers.push(header);
+            }
+        }
+        Ok(headers)
     }
 
     /// Fills the de-identified view's keys of instances stored before they existed (run at
@@ -924,11 +976,12 @@ impl Records {
             if rows.is_empty() {
                 return Ok(filled);
             }
+            let mut keyring = self.vault.keyring();
             for row in rows {
                 let instance_key: String = row.try_get(0)?;
                 let patient_ref: String = row.try_get(1)?;
                 let ciphertext: Vec<u8> = row.try_get(2)?;
-                let keys = match self.decrypt_header(&patient_ref, &ciphertext).await {
+                let keys = match open_header(&mut keyring, &patient_ref, &ciphertext).await {
                     Ok(header) => {
                         let uid = |tag| json::first_text(&header, tag).unwrap_or_default();
                         deidentified_keys(
@@ -988,6 +1041,16 @@ struct Group {
     study_key: String,
     patient_ref: String,
     header: Vec<u8>,
+}
+
+/// An instance's stored header (DICOM JSON), opened with the read's keyring.
+async fn open_header(
+    keyring: &mut PatientKeyring<'_>,
+    patient_ref: &str,
+    ciphertext: &[u8],
+) -> Result<Value, RecordError> {
+    let plaintext = keyring.open_index_value(patient_ref, ciphertext).await?;
+    serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)
 }
 
 /// The tokens of an instance's identifying attributes (all patient or study level), which the

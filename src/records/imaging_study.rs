@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dicom_dictionary_std::tags;
+use futures::TryStreamExt;
 use glastonbury_dicom::json;
 use serde_json::{Value, json as json_value};
 use sqlx::Row;
@@ -45,7 +46,16 @@ struct IndexedInstance {
     listed: ListedValues,
 }
 
+/// What a rebuild reads of a study: the instances it lists (at most [`MAX_LISTED_INSTANCES`]),
+/// the first one's whole header, and how many the study has.
+struct StudyInstances {
+    listed: Vec<IndexedInstance>,
+    first_header: Value,
+    total: usize,
+}
+
 /// The instance and series values of one instance's header that an ImagingStudy lists.
+#[derive(Debug, PartialEq)]
 struct ListedValues {
     sop_instance_uid: Option<String>,
     sop_class_uid: Option<String>,
@@ -57,9 +67,42 @@ struct ListedValues {
 }
 
 impl ListedValues {
+    /// The listed values of a stored header's DICOM JSON bytes, read without parsing the rest.
+    fn from_stored(header: &[u8]) -> Result<Self, RecordError> {
+        let [
+            sop_instance_uid,
+            sop_class_uid,
+            instance_number,
+            modality,
+            series_instance_uid,
+            series_number,
+            series_description,
+        ] = json::first_texts_of(
+            header,
+            [
+                tags::SOP_INSTANCE_UID,
+                tags::SOP_CLASS_UID,
+                tags::INSTANCE_NUMBER,
+                tags::MODALITY,
+                tags::SERIES_INSTANCE_UID,
+                tags::SERIES_NUMBER,
+                tags::SERIES_DESCRIPTION,
+            ],
+        )
+        .map_err(|_| RecordError::Damaged)?;
+        Ok(Self {
+            sop_instance_uid,
+            sop_class_uid,
+            instance_number: number(instance_number),
+            modality,
+            series_instance_uid,
+            series_number: number(series_number),
+            series_description,
+        })
+    }
+
     fn of(header: &Value) -> Self {
-        let number =
-            |tag| json::first_text(header, tag).and_then(|text| text.trim().parse::<u32>().ok());
+        let number = |tag| number(json::first_text(header, tag));
         Self {
             sop_instance_uid: json::first_text(header, tags::SOP_INSTANCE_UID),
             sop_class_uid: json::first_text(header, tags::SOP_CLASS_UID),
@@ -72,42 +115,74 @@ impl ListedValues {
     }
 }
 
+/// A listed number (instance, series) from its text.
+fn number(text: Option<String>) -> Option<u32> {
+    text.and_then(|text| text.trim().parse::<u32>().ok())
+}
+
 impl Records {
-    /// Rebuilds the ImagingStudy of the study `study_key` from its stored instances; journaled
-    /// as a derivation by the appliance.
-    pub async fn derive_imaging_study(&self, study_key: &str) -> Result<(), RecordError> {
-        let rows = sqlx::query(
+    /// The stored instances of a study as a rebuild reads them, row by row (a large study is
+    /// never held as rows and headers at once); `None` when the study has none or its patient
+    /// was shredded.
+    async fn read_study_instances(
+        &self,
+        study_key: &str,
+    ) -> Result<Option<StudyInstances>, RecordError> {
+        let mut rows = sqlx::query(
             "SELECT series_key, patient_ref, header FROM dicom_instances WHERE study_key = $1 \
              ORDER BY series_key, instance_number, instance_key",
         )
         .bind(study_key)
-        .fetch_all(self.database.pool())
-        .await?;
-        let mut instances = Vec::with_capacity(rows.len().min(MAX_LISTED_INSTANCES));
+        .fetch(self.database.pool());
+        let mut listed = Vec::new();
         // The study-level values come from the first instance's header, kept whole.
         let mut first_header: Option<Value> = None;
-        for row in rows.iter().take(MAX_LISTED_INSTANCES) {
+        let mut total = 0;
+        let mut keyring = self.vault.keyring();
+        while let Some(row) = rows.try_next().await? {
+            total += 1;
+            if listed.len() >= MAX_LISTED_INSTANCES {
+                continue;
+            }
             let patient_ref: String = row.try_get(1)?;
             let ciphertext: Vec<u8> = row.try_get(2)?;
-            let plaintext = match self.vault.open_index_value(&patient_ref, &ciphertext).await {
+            let plaintext = match keyring.open_index_value(&patient_ref, &ciphertext).await {
                 Ok(plaintext) => plaintext,
-                Err(crate::vault::VaultError::PatientShredded) => return Ok(()),
+                Err(crate::vault::VaultError::PatientShredded) => return Ok(None),
                 Err(error) => return Err(error.into()),
             };
-            let header: Value =
-                serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)?;
-            instances.push(IndexedInstance {
+            let values = if first_header.is_none() {
+                let header: Value =
+                    serde_json::from_slice(&plaintext).map_err(|_| RecordError::Damaged)?;
+                let values = ListedValues::of(&header);
+                first_header = Some(header);
+                values
+            } else {
+                ListedValues::from_stored(&plaintext)?
+            };
+            listed.push(IndexedInstance {
                 series_key: row.try_get(0)?,
                 patient_ref,
-                listed: ListedValues::of(&header),
+                listed: values,
             });
-            if first_header.is_none() {
-                first_header = Some(header);
-            }
         }
-        let (Some(first), Some(first_header)) = (instances.first(), first_header.as_ref()) else {
+        Ok(first_header.map(|first_header| StudyInstances {
+            listed,
+            first_header,
+            total,
+        }))
+    }
+
+    /// Rebuilds the ImagingStudy of the study `study_key` from its stored instances; journaled
+    /// as a derivation by the appliance.
+    pub async fn derive_imaging_study(&self, study_key: &str) -> Result<(), RecordError> {
+        let Some(study) = self.read_study_instances(study_key).await? else {
             return Ok(());
         };
+        let Some(first) = study.listed.first() else {
+            return Ok(());
+        };
+        let first_header = &study.first_header;
         let patient_id = json::first_text(first_header, tags::PATIENT_ID);
         let issuer = json::first_text(first_header, tags::ISSUER_OF_PATIENT_ID).unwrap_or_default();
         let fhir_patient = match &patient_id {
@@ -117,9 +192,9 @@ impl Records {
         let resource = imaging_study(
             study_key,
             first_header,
-            &instances,
+            &study.listed,
             fhir_patient.as_deref(),
-            rows.len(),
+            study.total,
         );
         // The study's key: the FHIR Patient's when linked, else the DICOM-only patient's (the
         // same one its instances are encrypted to).
@@ -352,4 +427,29 @@ fn fhir_date(date: &str) -> Option<String> {
         &digits[4..6],
         &digits[6..8]
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_values_read_from_stored_bytes_are_those_of_the_parsed_header() {
+        let stored = br#"{"00080016":{"vr":"UI","Value":["1.2.840.10008.5.1.4.1.1.2"]},"00080018":{"vr":"UI","Value":["1.2.3.4"]},"00080060":{"vr":"CS","Value":["CT"]},"0008103E":{"vr":"LO","Value":["AXIAL 5mm"]},"00100010":{"vr":"PN","Value":[{"Alphabetic":"Doe^Jane"}]},"0020000E":{"vr":"UI","Value":["1.2.3"]},"00200011":{"vr":"IS","Value":[7]},"00200013":{"vr":"IS","Value":[" 12 "]},"00281050":{"vr":"DS","Value":[40.5]}}"#;
+        let parsed: Value = serde_json::from_slice(stored).unwrap();
+        let read = ListedValues::from_stored(stored).unwrap();
+        assert_eq!(read, ListedValues::of(&parsed));
+        assert_eq!(read.sop_instance_uid.as_deref(), Some("1.2.3.4"));
+        assert_eq!(read.series_number, Some(7));
+        assert_eq!(read.instance_number, Some(12));
+        assert_eq!(read.series_description.as_deref(), Some("AXIAL 5mm"));
+    }
+
+    #[test]
+    fn listed_values_of_a_header_without_them_are_empty_and_damage_is_an_error() {
+        let read = ListedValues::from_stored(br#"{"00080060":{"vr":"CS"}}"#).unwrap();
+        assert_eq!(read.modality, None);
+        assert_eq!(read.sop_instance_uid, None);
+        assert!(ListedValues::from_stored(b"{\"0008").is_err());
+    }
 }

@@ -24,7 +24,7 @@ use crate::access::{
 };
 use crate::journal::{AuditDraft, JournalIdentity, Outcome, codes};
 use crate::storage::{BlobError, BlobStore, Database, StorageError};
-use crate::vault::{Vault, VaultError};
+use crate::vault::{PatientKeyring, Vault, VaultError};
 use writer::RowWrite;
 pub use writer::{Precondition, UnitReceipt, WriteUnit, Writer};
 
@@ -767,10 +767,11 @@ impl Records {
         }
         let mut records = Vec::with_capacity(rows.len());
         let mut patient_ref = None;
+        let mut keyring = self.vault.keyring();
         for row in rows {
             let stored = self.fetch_any_version(&key, row.try_get(0)?).await?;
             patient_ref.get_or_insert_with(|| stored.patient_ref.clone());
-            records.push(self.decrypt_stored(stored).await?);
+            records.push(self.decrypt_stored_with(&mut keyring, stored).await?);
         }
         let mut draft = AuditDraft::by(
             allowed.principal(),
@@ -855,6 +856,16 @@ impl Records {
     }
 
     async fn decrypt_stored(&self, stored: StoredVersion) -> Result<Record, RecordError> {
+        self.decrypt_stored_with(&mut self.vault.keyring(), stored)
+            .await
+    }
+
+    /// Decrypts a stored version with the keyring of a read that decrypts many.
+    async fn decrypt_stored_with(
+        &self,
+        keyring: &mut PatientKeyring<'_>,
+        stored: StoredVersion,
+    ) -> Result<Record, RecordError> {
         if stored.meta.deleted {
             return Ok(Record {
                 meta: stored.meta,
@@ -868,10 +879,7 @@ impl Records {
             (None, Some(blob_key)) => self.blobs.get(blob_key).await?,
             (None, None) => return Err(RecordError::Damaged),
         };
-        let plaintext = self
-            .vault
-            .decrypt_for_patient(&stored.patient_ref, &ciphertext)
-            .await?;
+        let plaintext = keyring.decrypt(&stored.patient_ref, &ciphertext).await?;
         Ok(Record {
             meta: stored.meta,
             content_type: stored.content_type,

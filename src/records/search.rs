@@ -198,11 +198,12 @@ impl Records {
         ));
         let mut found = Vec::new();
         let mut patient_refs = BTreeSet::new();
+        let mut keyring = self.vault.keyring();
         for row in page.fetch_all(self.database.pool()).await? {
             let key = RecordKey::new(&row.try_get::<String, _>(0)?, &row.try_get::<String, _>(1)?);
             let stored = self.fetch_any_version(&key, row.try_get(2)?).await?;
             let patient_ref = stored.patient_ref.clone();
-            match self.decrypt_stored(stored).await {
+            match self.decrypt_stored_with(&mut keyring, stored).await {
                 Ok(record) => {
                     patient_refs.insert(patient_ref);
                     found.push(record);
@@ -574,6 +575,7 @@ impl Records {
         let mut records = Vec::with_capacity(ids.len());
         let mut unreadable = 0;
         let mut patient_refs = BTreeSet::new();
+        let mut keyring = self.vault.keyring();
         for chunk in ids.chunks(500) {
             let mut statement = Statement::new(
                 "SELECT r.resource_id, r.version, r.patient_ref, r.last_updated, r.content_type, r.body, r.blob_key \
@@ -608,7 +610,7 @@ impl Records {
                     continue;
                 };
                 let patient_ref = stored.patient_ref.clone();
-                match self.decrypt_stored(stored).await {
+                match self.decrypt_stored_with(&mut keyring, stored).await {
                     Ok(record) => {
                         patient_refs.insert(patient_ref);
                         records.push(record);

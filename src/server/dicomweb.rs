@@ -438,33 +438,44 @@ async fn metadata(
         Ok(instances) => instances,
         Err(error) => return problem(error),
     };
-    let mut headers = Vec::with_capacity(instances.len());
-    for instance in &instances {
-        let header = match records.dicom_header(instance).await {
-            Ok(header) => header,
-            Err(error) => return problem(error),
-        };
-        let mut object: Map<String, Value> = header.as_object().cloned().unwrap_or_default();
-        json::put_bulk_data(
-            &mut object,
-            tags::PIXEL_DATA,
-            "OB",
-            &retrieve_url(
-                &state,
-                &instance.study_uid,
-                Some(&instance.series_uid),
-                Some(&instance.instance_uid),
-            ),
-        );
-        headers.push(Value::Object(object));
+    let headers = match records.dicom_headers(&instances).await {
+        Ok(headers) => headers,
+        Err(error) => return problem(error),
+    };
+    match metadata_body(&state, &instances, headers) {
+        Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, DICOM_JSON)], body).into_response(),
+        Err(_) => problem(RecordError::Damaged),
     }
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, DICOM_JSON)],
-        Value::Array(headers).to_string(),
-    )
-        .into_response()
 }
+
+/// The metadata response: the instances' headers (DICOM JSON object bytes, in their order) as
+/// one array, each with its Pixel Data named by a `BulkDataURI` (the instance's own URL).
+fn metadata_body(
+    state: &AppState,
+    instances: &[RetrievableInstance],
+    headers: Vec<Vec<u8>>,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let stored_bytes: usize = headers.iter().map(Vec::len).sum();
+    let mut body = Vec::with_capacity(stored_bytes + instances.len() * METADATA_URI_ROOM + 2);
+    body.push(b'[');
+    for (index, (instance, header)) in instances.iter().zip(headers).enumerate() {
+        if index > 0 {
+            body.push(b',');
+        }
+        let pixel_data_uri = retrieve_url(
+            state,
+            &instance.study_uid,
+            Some(&instance.series_uid),
+            Some(&instance.instance_uid),
+        );
+        json::write_with_bulk_data(&mut body, &header, tags::PIXEL_DATA, "OB", &pixel_data_uri)?;
+    }
+    body.push(b']');
+    Ok(body)
+}
+
+/// Room for one instance's Pixel Data reference in a metadata response.
+const METADATA_URI_ROOM: usize = 256;
 
 // ---------------------------------------------------------------------------------------------
 // WADO-RS frames and rendered images

@@ -453,6 +453,152 @@ fn stow_qido_and_wado_round_trip_every_transfer_syntax_byte_for_byte() {
     assert_eq!(refused.status().as_u16(), 403);
 }
 
+/// Writes `series` × `per_series` instances of one new study, made from the CT template with
+/// series numbers 1.., descriptions "series N" and instance numbers counting down; their paths.
+fn write_study(gateway: &Gateway, series: usize, per_series: usize) -> Vec<PathBuf> {
+    let folder = gateway.workspace.path().join("study");
+    let written = Command::new(python())
+        .args([
+            "-c",
+            "import sys, pathlib, pydicom; from pydicom.uid import generate_uid as g\n\
+             template, folder = sys.argv[1], pathlib.Path(sys.argv[2])\n\
+             series, per_series = int(sys.argv[3]), int(sys.argv[4])\n\
+             folder.mkdir()\n\
+             study = g()\n\
+             for s in range(1, series + 1):\n\
+             \x20   series_uid = g()\n\
+             \x20   for i in range(per_series, 0, -1):\n\
+             \x20       ds = pydicom.dcmread(template)\n\
+             \x20       ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series_uid\n\
+             \x20       ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = g()\n\
+             \x20       ds.SeriesNumber, ds.InstanceNumber = s, i\n\
+             \x20       ds.SeriesDescription = f'series {s}'\n\
+             \x20       ds.save_as(folder / f'{s}-{i}.dcm')",
+        ])
+        .arg(test_files().join("CT_small.dcm"))
+        .arg(&folder)
+        .arg(series.to_string())
+        .arg(per_series.to_string())
+        .output()
+        .unwrap();
+    assert!(written.status.success(), "{written:?}");
+    files_under(&folder)
+}
+
+#[test]
+fn a_studys_metadata_and_imaging_study_name_every_instance_of_every_series() {
+    let gateway = Gateway::start();
+    let files = write_study(&gateway, 2, 3);
+    let parts: Vec<Vec<u8>> = files
+        .iter()
+        .map(|path| std::fs::read(path).unwrap())
+        .collect();
+    let (status, answer) = gateway.stow(&gateway.writer_token, "studies", &parts);
+    assert_eq!(status, 200, "{answer}");
+    let stored: Vec<glastonbury_dicom::Instance> = parts
+        .into_iter()
+        .map(|part| glastonbury_dicom::instance::from_part10(part).unwrap())
+        .collect();
+    let study_uid = &stored[0].study_instance_uid;
+
+    // Metadata: each header as stored, its Pixel Data named by the instance's own URL.
+    let metadata = gateway.qido(&format!("studies/{study_uid}/metadata"));
+    assert_eq!(metadata.len(), 6);
+    for header in &metadata {
+        let instance = stored
+            .iter()
+            .find(|instance| {
+                text(header, "00080018").as_deref() == Some(&instance.sop_instance_uid)
+            })
+            .expect("every header is one of the stored instances");
+        // As the index stores it (FL values as their shortest f32 text, which a JSON tree of f64
+        // numbers would spell longer).
+        let expected: Value = serde_json::from_slice(
+            &glastonbury_dicom::json::header_json_bytes(&instance.header).unwrap(),
+        )
+        .unwrap();
+        let mut without_pixel_data = header.as_object().unwrap().clone();
+        let pixel_data = without_pixel_data.shift_remove("7FE00010").unwrap();
+        assert_eq!(Value::Object(without_pixel_data), expected);
+        assert_eq!(pixel_data["vr"], "OB");
+        let uri = pixel_data["BulkDataURI"].as_str().unwrap();
+        assert!(
+            uri.ends_with(&format!(
+                "/dicomweb/studies/{study_uid}/series/{}/instances/{}",
+                instance.series_instance_uid, instance.sop_instance_uid
+            )),
+            "{uri}"
+        );
+        assert_eq!(
+            header.as_object().unwrap().keys().next_back().unwrap(),
+            "7FE00010"
+        );
+    }
+
+    // The ImagingStudy lists both series, and each one's instances in instance-number order.
+    let fhir_reader = gateway
+        .server
+        .token_for("clinician", &["system/ImagingStudy.rs"]);
+    let search = format!(
+        "{}/fhir/ImagingStudy?identifier=urn:dicom:uid|urn:oid:{study_uid}",
+        gateway.server.base_url
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let imaging_study = loop {
+        let bundle: Value = gateway
+            .client
+            .get(&search)
+            .bearer_auth(&fhir_reader)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let resource = &bundle["entry"][0]["resource"];
+        if resource["numberOfInstances"] == 6 {
+            break resource.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ImagingStudy of all six instances: {bundle}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(imaging_study["numberOfSeries"], 2, "{imaging_study}");
+    for series in imaging_study["series"].as_array().unwrap() {
+        let number = series["number"].as_u64().unwrap();
+        assert_eq!(series["description"], format!("series {number}"));
+        assert_eq!(series["modality"]["code"], "CT");
+        let mut expected: Vec<&glastonbury_dicom::Instance> = stored
+            .iter()
+            .filter(|instance| series["uid"] == instance.series_instance_uid.as_str())
+            .collect();
+        expected.sort_by_key(|instance| {
+            glastonbury_dicom::json::first_text(
+                &glastonbury_dicom::json::header_json(&instance.header).unwrap(),
+                dicom_dictionary_std::tags::INSTANCE_NUMBER,
+            )
+        });
+        let listed: Vec<&str> = series["instance"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|instance| instance["uid"].as_str().unwrap())
+            .collect();
+        let expected: Vec<&str> = expected
+            .iter()
+            .map(|instance| instance.sop_instance_uid.as_str())
+            .collect();
+        assert_eq!(listed, expected, "{imaging_study}");
+        let numbers: Vec<u64> = series["instance"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|instance| instance["number"].as_u64().unwrap())
+            .collect();
+        assert_eq!(numbers, [1, 2, 3]);
+    }
+}
+
 #[test]
 fn qido_matches_names_dates_uid_lists_and_pages() {
     let gateway = Gateway::start();
