@@ -30,7 +30,7 @@ use super::{PreparedWrite, RecordError, RecordKey, RecordVersion, Records, versi
 use crate::access::{self, Allowed, Principal};
 use crate::journal::{AuditDraft, codes};
 use crate::storage::statement::Statement;
-use crate::vault::{PatientKeyring, VaultError};
+use crate::vault::{PatientKeyring, PatientOpener, VaultError};
 
 /// The resource type DICOM data has in policies, scopes and audit leaves.
 pub const IMAGING_RESOURCE_TYPE: &str = "ImagingStudy";
@@ -75,7 +75,8 @@ pub struct DicomMatch {
 #[derive(Debug, Clone)]
 pub struct RetrievableInstance {
     key: RecordKey,
-    patient_ref: String,
+    /// The patient's key, looked up (and checked not shredded) when the retrieval was listed.
+    opener: PatientOpener,
     egress: DicomEgress,
     pub study_uid: String,
     pub series_uid: String,
@@ -829,14 +830,12 @@ impl Records {
             let instance_key: String = row.try_get(0)?;
             let patient_ref: String = row.try_get(1)?;
             let header_ciphertext: Vec<u8> = row.try_get(2)?;
-            let header = match keyring
-                .open_index_value(&patient_ref, &header_ciphertext)
-                .await
-            {
-                Ok(header) => header,
+            let opener = match keyring.opener(&patient_ref).await {
+                Ok(opener) => opener,
                 Err(VaultError::PatientShredded) => continue,
                 Err(error) => return Err(error.into()),
             };
+            let header = opener.open_index_value(&header_ciphertext)?;
             let [burned_in, study_uid, series_uid, instance_uid] = json::first_texts_of(
                 &header,
                 [
@@ -853,10 +852,10 @@ impl Records {
                 continue;
             }
             let in_view = |uid: Option<String>| egress.uid(&uid.unwrap_or_default());
-            patient_refs.insert(patient_ref.clone());
+            patient_refs.insert(patient_ref);
             instances.push(RetrievableInstance {
                 key: RecordKey::new(DICOM_INSTANCE, &instance_key),
-                patient_ref,
+                opener,
                 egress: egress.clone(),
                 study_uid: in_view(study_uid),
                 series_uid: in_view(series_uid),
@@ -897,12 +896,9 @@ impl Records {
 
     /// The Part 10 file of an instance the caller may retrieve, byte for byte as stored.
     pub async fn dicom_file(&self, instance: &RetrievableInstance) -> Result<Bytes, RecordError> {
-        let head = self
-            .head(&instance.key)
-            .await?
-            .ok_or(RecordError::NotFound)?;
-        let stored = self.fetch_version(&instance.key, head.version).await?;
-        let part10 = self.decrypt_stored(stored).await?.body;
+        let stored = self.fetch_current(&instance.key).await?;
+        let ciphertext = self.ciphertext_of(&stored).await?;
+        let part10 = Bytes::from(instance.opener.decrypt(&ciphertext)?);
         let DicomEgress::Deidentified(egress) = &instance.egress else {
             return Ok(part10);
         };
@@ -922,13 +918,12 @@ impl Records {
 
     /// The headers of instances the caller may retrieve, in their order, each as the bytes of
     /// its DICOM JSON object (as stored, or de-identified for the caller's view): read
-    /// [`HEADERS_PER_QUERY`] to a query and opened with one keyring, and never parsed when served
+    /// [`HEADERS_PER_QUERY`] to a query and opened with the keys their listing looked up, and never parsed when served
     /// as stored, so a study's metadata costs a few queries and a copy whatever its size.
     pub async fn dicom_headers(
         &self,
         instances: &[RetrievableInstance],
     ) -> Result<Vec<Vec<u8>>, RecordError> {
-        let mut keyring = self.vault.keyring();
         let mut headers = Vec::with_capacity(instances.len());
         for chunk in instances.chunks(HEADERS_PER_QUERY) {
             let mut select = Statement::new(
@@ -948,9 +943,7 @@ impl Records {
                 let ciphertext = ciphertexts
                     .remove(&instance.key.resource_id)
                     .ok_or(RecordError::NotFound)?;
-                let stored = keyring
-                    .open_index_value(&instance.patient_ref, &ciphertext)
-                    .await?;
+                let stored = instance.opener.open_index_value(&ciphertext)?;
                 let header = instance.egress.header_bytes(stored)?.ok_or_else(|| {
                     RecordError::NotInView(
                         "this instance cannot be served de-identified".to_owned(),

@@ -855,6 +855,50 @@ impl Records {
         })
     }
 
+    /// The current version of a record, in one query (its head joined to its row); a deleted
+    /// record is [`RecordError::Deleted`].
+    async fn fetch_current(&self, key: &RecordKey) -> Result<StoredVersion, RecordError> {
+        let row = sqlx::query(
+            "SELECT r.version, r.patient_ref, r.last_updated, h.deleted, r.content_type, r.body, r.blob_key \
+             FROM record_heads h JOIN records r ON r.resource_type = h.resource_type AND r.resource_id = h.resource_id AND r.version = h.version \
+             WHERE h.resource_type = $1 AND h.resource_id = $2",
+        )
+        .bind(&key.resource_type)
+        .bind(&key.resource_id)
+        .fetch_optional(self.database.pool())
+        .await?
+        .ok_or(RecordError::NotFound)?;
+        let version: i64 = row.try_get(0)?;
+        let last_updated: i64 = row.try_get(2)?;
+        if row.try_get::<i64, _>(3)? != 0 {
+            return Err(RecordError::Deleted {
+                version,
+                last_updated,
+            });
+        }
+        Ok(StoredVersion {
+            meta: RecordVersion {
+                key: key.clone(),
+                version,
+                last_updated,
+                deleted: false,
+            },
+            patient_ref: row.try_get(1)?,
+            content_type: row.try_get(4)?,
+            inline_body: row.try_get(5)?,
+            blob_key: row.try_get(6)?,
+        })
+    }
+
+    /// The encrypted body of a stored version: inline in its row, or in the blob store.
+    async fn ciphertext_of(&self, stored: &StoredVersion) -> Result<Bytes, RecordError> {
+        match (&stored.inline_body, &stored.blob_key) {
+            (Some(inline), _) => Ok(Bytes::from(inline.clone())),
+            (None, Some(blob_key)) => Ok(self.blobs.get(blob_key).await?),
+            (None, None) => Err(RecordError::Damaged),
+        }
+    }
+
     async fn decrypt_stored(&self, stored: StoredVersion) -> Result<Record, RecordError> {
         self.decrypt_stored_with(&mut self.vault.keyring(), stored)
             .await
@@ -874,11 +918,7 @@ impl Records {
                 view: View::Identified,
             });
         }
-        let ciphertext = match (&stored.inline_body, &stored.blob_key) {
-            (Some(inline), _) => Bytes::from(inline.clone()),
-            (None, Some(blob_key)) => self.blobs.get(blob_key).await?,
-            (None, None) => return Err(RecordError::Damaged),
-        };
+        let ciphertext = self.ciphertext_of(&stored).await?;
         let plaintext = keyring.decrypt(&stored.patient_ref, &ciphertext).await?;
         Ok(Record {
             meta: stored.meta,

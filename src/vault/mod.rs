@@ -91,6 +91,30 @@ pub struct PatientKeyring<'vault> {
     looked_up: HashMap<String, Option<Arc<PatientKeyPair>>>,
 }
 
+/// One patient's key pair, taken from a [`PatientKeyring`] for work that outlives the read that
+/// looked it up (a retrieval streamed after its listing): opens what the keyring opens, with no
+/// further lookup. Held only as long as that work runs.
+#[derive(Clone)]
+pub struct PatientOpener(Arc<PatientKeyPair>);
+
+impl PatientOpener {
+    /// Opens an index value sealed to the patient (see [`Vault::open_index_value`]).
+    pub fn open_index_value(&self, sealed: &[u8]) -> Result<Vec<u8>, VaultError> {
+        self.0.open_index_value(sealed)
+    }
+
+    /// Decrypts a payload (an age file) with the patient's identity.
+    pub fn decrypt(&self, ciphertext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        self.0.decrypt_age_file(ciphertext)
+    }
+}
+
+impl std::fmt::Debug for PatientOpener {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str("PatientOpener")
+    }
+}
+
 impl std::fmt::Debug for PatientKeyring<'_> {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter
@@ -108,6 +132,11 @@ impl PatientKeyring<'_> {
         sealed: &[u8],
     ) -> Result<Vec<u8>, VaultError> {
         self.key_pair(patient_ref).await?.open_index_value(sealed)
+    }
+
+    /// The patient's key for work that outlives this read (see [`PatientOpener`]).
+    pub async fn opener(&mut self, patient_ref: &str) -> Result<PatientOpener, VaultError> {
+        Ok(PatientOpener(self.key_pair(patient_ref).await?))
     }
 
     /// Decrypts a payload (an age file) with the patient's identity (see
