@@ -80,20 +80,14 @@ impl Command {
 pub struct CommandError(pub &'static str);
 
 /// Reads a command set, and whether a data set follows it.
+///
+/// The elements are read straight from the bytes, not through dicom-rs's data set reader: that
+/// reader ends a data set by failing to read one more element header, and its error captures a
+/// stack backtrace, 1.3 % of the server's CPU per serial C-STORE.
 pub fn parse_command(bytes: &[u8]) -> Result<(Command, bool), CommandError> {
-    let syntax = implicit_vr_little_endian()?;
-    crate::guard::check(bytes, crate::guard::Encoding::ImplicitLittle)
-        .map_err(|_| CommandError("lengths do not fit"))?;
-    let command = InMemDicomObject::read_dataset_with_ts(bytes, syntax)
-        .map_err(|_| CommandError("unreadable"))?;
-    let unsigned = |tag: Tag| -> Option<u16> { command.get(tag)?.to_int::<u16>().ok() };
-    let text = |tag: Tag| -> String {
-        command
-            .get(tag)
-            .and_then(|element| element.to_str().ok())
-            .map(|text| text.trim_end_matches(['\0', ' ']).to_owned())
-            .unwrap_or_default()
-    };
+    let command = CommandElements::read(bytes)?;
+    let unsigned = |tag: Tag| command.unsigned(tag);
+    let text = |tag: Tag| command.text(tag);
     let command_field = unsigned(tags::COMMAND_FIELD).ok_or(CommandError("no command field"))?;
     let has_data_set =
         unsigned(tags::COMMAND_DATA_SET_TYPE).is_some_and(|kind| kind != NO_DATA_SET);
@@ -122,6 +116,59 @@ pub fn parse_command(bytes: &[u8]) -> Result<(Command, bool), CommandError> {
         },
     };
     Ok((parsed, has_data_set))
+}
+
+/// The elements of a command set (PS3.7 6.3.1: implicit VR little endian, group 0000 only, no
+/// sequences), as the value bytes of each tag.
+struct CommandElements<'a> {
+    elements: Vec<(Tag, &'a [u8])>,
+}
+
+impl<'a> CommandElements<'a> {
+    fn read(bytes: &'a [u8]) -> Result<Self, CommandError> {
+        let mut elements = Vec::new();
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let (header, after_header) = rest
+                .split_first_chunk::<8>()
+                .ok_or(CommandError("lengths do not fit"))?;
+            let group = u16::from_le_bytes([header[0], header[1]]);
+            let element = u16::from_le_bytes([header[2], header[3]]);
+            let length = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+            let length = usize::try_from(length).map_err(|_| CommandError("lengths do not fit"))?;
+            if length > after_header.len() {
+                return Err(CommandError("lengths do not fit"));
+            }
+            let (value, after_value) = after_header.split_at(length);
+            // PS3.7 puts nothing else in a command set; anything else is not read, as before.
+            if group == 0x0000 {
+                elements.push((Tag(group, element), value));
+            }
+            rest = after_value;
+        }
+        Ok(Self { elements })
+    }
+
+    fn value(&self, tag: Tag) -> Option<&'a [u8]> {
+        self.elements
+            .iter()
+            .find(|(element_tag, _)| *element_tag == tag)
+            .map(|(_, value)| *value)
+    }
+
+    /// The first value of a US element.
+    fn unsigned(&self, tag: Tag) -> Option<u16> {
+        let (first, _) = self.value(tag)?.split_first_chunk::<2>()?;
+        Some(u16::from_le_bytes(*first))
+    }
+
+    /// A UI or AE value without its padding; empty when absent or not text.
+    fn text(&self, tag: Tag) -> String {
+        self.value(tag)
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .map(|text| text.trim_end_matches(['\0', ' ']).to_owned())
+            .unwrap_or_default()
+    }
 }
 
 /// C-ECHO-RSP.
@@ -339,5 +386,123 @@ mod tests {
             }
         );
         assert!(parse_command(&[1, 2, 3]).is_err());
+    }
+
+    fn command_of(elements: Vec<DataElement<InMemDicomObject>>) -> Vec<u8> {
+        encode_implicit(&InMemDicomObject::command_from_element_iter(elements))
+    }
+
+    fn us(tag: Tag, value: u16) -> DataElement<InMemDicomObject> {
+        DataElement::new(tag, VR::US, PrimitiveValue::from(value))
+    }
+
+    fn ui(tag: Tag, value: &str) -> DataElement<InMemDicomObject> {
+        DataElement::new(tag, VR::UI, PrimitiveValue::from(value))
+    }
+
+    /// The values `parse_command` reads, as dicom-rs's data set reader reads them.
+    fn read_by_dicom_rs(bytes: &[u8]) -> (Option<u16>, Option<u16>, Option<u16>, String, String) {
+        let syntax = implicit_vr_little_endian().unwrap();
+        let command = InMemDicomObject::read_dataset_with_ts(bytes, syntax).unwrap();
+        let unsigned = |tag: Tag| command.get(tag)?.to_int::<u16>().ok();
+        let text = |tag: Tag| {
+            command
+                .get(tag)
+                .and_then(|element| element.to_str().ok())
+                .map(|text| text.trim_end_matches(['\0', ' ']).to_owned())
+                .unwrap_or_default()
+        };
+        (
+            unsigned(tags::COMMAND_FIELD),
+            unsigned(tags::MESSAGE_ID),
+            unsigned(tags::COMMAND_DATA_SET_TYPE),
+            text(tags::AFFECTED_SOP_CLASS_UID),
+            text(tags::AFFECTED_SOP_INSTANCE_UID),
+        )
+    }
+
+    #[test]
+    fn commands_read_as_dicom_rs_reads_them() {
+        let commands = [
+            command_of(vec![
+                us(tags::COMMAND_FIELD, 0x0001),
+                us(tags::MESSAGE_ID, 65535),
+                us(tags::PRIORITY, 2),
+                us(tags::COMMAND_DATA_SET_TYPE, DATA_SET_FOLLOWS),
+                ui(tags::AFFECTED_SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.4"),
+                // an odd-length UID, padded with a NUL on the wire
+                ui(tags::AFFECTED_SOP_INSTANCE_UID, "1.2.3.4.5"),
+                DataElement::new(
+                    tags::MOVE_ORIGINATOR_APPLICATION_ENTITY_TITLE,
+                    VR::AE,
+                    PrimitiveValue::from("MOVER "),
+                ),
+                us(tags::MOVE_ORIGINATOR_MESSAGE_ID, 9),
+            ]),
+            command_of(vec![
+                us(tags::COMMAND_FIELD, 0x0020),
+                us(tags::MESSAGE_ID, 1),
+                us(tags::PRIORITY, 0),
+                us(tags::COMMAND_DATA_SET_TYPE, DATA_SET_FOLLOWS),
+                ui(tags::AFFECTED_SOP_CLASS_UID, STUDY_ROOT_FIND),
+            ]),
+            command_of(vec![
+                us(tags::COMMAND_FIELD, 0x0030),
+                us(tags::MESSAGE_ID, 2),
+                us(tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET),
+                ui(tags::AFFECTED_SOP_CLASS_UID, VERIFICATION),
+            ]),
+            command_of(vec![
+                us(tags::COMMAND_FIELD, 0x0FFF),
+                us(tags::MESSAGE_ID_BEING_RESPONDED_TO, 1),
+                us(tags::COMMAND_DATA_SET_TYPE, NO_DATA_SET),
+            ]),
+            command_of(vec![
+                us(tags::COMMAND_FIELD, 0x0010),
+                us(tags::MESSAGE_ID, 4),
+                us(tags::COMMAND_DATA_SET_TYPE, DATA_SET_FOLLOWS),
+                ui(tags::AFFECTED_SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.2.2.3"),
+            ]),
+            store_response(7, "1.2.3", "1.2.3.4", status::SUCCESS, Some("not stored")),
+            echo_response(1, VERIFICATION),
+        ];
+        for bytes in commands {
+            let ours = CommandElements::read(&bytes).unwrap();
+            let expected = read_by_dicom_rs(&bytes);
+            let read = (
+                ours.unsigned(tags::COMMAND_FIELD),
+                ours.unsigned(tags::MESSAGE_ID),
+                ours.unsigned(tags::COMMAND_DATA_SET_TYPE),
+                ours.text(tags::AFFECTED_SOP_CLASS_UID),
+                ours.text(tags::AFFECTED_SOP_INSTANCE_UID),
+            );
+            assert_eq!(read, expected);
+            assert!(parse_command(&bytes).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_truncated_or_lying_command_is_refused() {
+        let bytes = command_of(vec![
+            us(tags::COMMAND_FIELD, 0x0001),
+            us(tags::MESSAGE_ID, 3),
+            us(tags::COMMAND_DATA_SET_TYPE, DATA_SET_FOLLOWS),
+            ui(tags::AFFECTED_SOP_CLASS_UID, "1.2.840.10008.5.1.4.1.1.2"),
+        ]);
+        for cut in [1, 7, 9, bytes.len() - 1] {
+            assert_eq!(
+                parse_command(&bytes[..cut]),
+                Err(CommandError("lengths do not fit")),
+                "cut at {cut}"
+            );
+        }
+        let mut undefined_length = bytes.clone();
+        // the group length element's length, made undefined
+        undefined_length[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(parse_command(&undefined_length).is_err());
+        assert_eq!(
+            parse_command(&command_of(vec![us(tags::MESSAGE_ID, 3)])),
+            Err(CommandError("no command field"))
+        );
     }
 }

@@ -8,8 +8,9 @@ use std::io::{Cursor, Read};
 use dicom_core::Tag;
 use dicom_dictionary_std::tags;
 use dicom_encoding::TransferSyntaxIndex;
+use dicom_object::file::ReadPreamble;
 use dicom_object::meta::FileMetaTableBuilder;
-use dicom_object::{FileDicomObject, FileMetaTable, InMemDicomObject};
+use dicom_object::{FileDicomObject, FileMetaTable, InMemDicomObject, OpenFileOptions};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
 
 use crate::guard::{self, Encoding};
@@ -84,7 +85,7 @@ pub struct Instance {
 pub fn from_part10(bytes: Vec<u8>) -> Result<Instance, InstanceError> {
     let (meta, dataset_start) = read_file_meta(&bytes)?;
     let transfer_syntax_uid = meta.transfer_syntax().to_owned();
-    let header = parse_data_set(&bytes[dataset_start..], &transfer_syntax_uid)?;
+    let header = parse_header(&bytes, dataset_start, &transfer_syntax_uid)?;
     let instance = identify(header, transfer_syntax_uid, bytes)?;
     if meta.media_storage_sop_class_uid() != instance.sop_class_uid {
         return Err(InstanceError::SopClassMismatch("the file meta information"));
@@ -129,7 +130,6 @@ pub fn from_data_set(
     command_sop_instance_uid: &str,
     source_ae_title: &str,
 ) -> Result<Instance, InstanceError> {
-    let header = parse_data_set(data_set, transfer_syntax_uid)?;
     let meta = FileMetaTableBuilder::new()
         .media_storage_sop_class_uid(command_sop_class_uid)
         .media_storage_sop_instance_uid(command_sop_instance_uid)
@@ -144,7 +144,9 @@ pub fn from_data_set(
     part10.extend_from_slice(b"DICM");
     meta.write(&mut part10)
         .map_err(|_| InstanceError::BadFileMeta)?;
+    let dataset_start = part10.len();
     part10.extend_from_slice(data_set);
+    let header = parse_header(&part10, dataset_start, transfer_syntax_uid)?;
     let instance = identify(header, transfer_syntax_uid.to_owned(), part10)?;
     if instance.sop_class_uid != trim_uid(command_sop_class_uid) {
         return Err(InstanceError::SopClassMismatch("the C-STORE request"));
@@ -155,25 +157,45 @@ pub fn from_data_set(
     Ok(instance)
 }
 
-/// Reads the data set without its Pixel Data after the structural check (so every declared
-/// length fits the data). The Pixel Data bytes are skipped, not parsed: they are most of an
-/// image's size, and the header is all that indexing and metadata need.
-fn parse_data_set(
-    data: &[u8],
+/// Reads the data set of a Part 10 file (starting at `dataset_start`) without its Pixel Data,
+/// after the structural check (so every declared length fits the data). The Pixel Data bytes
+/// are skipped, not parsed: they are most of an image's size, and the header is all that
+/// indexing and metadata need.
+fn parse_header(
+    part10: &[u8],
+    dataset_start: usize,
     transfer_syntax_uid: &str,
 ) -> Result<InMemDicomObject, InstanceError> {
+    let data = &part10[dataset_start..];
     let readable = ReadableDataSet::of(data, transfer_syntax_uid)?;
     let data = readable.bytes(data);
     let Some(pixel_data) = guard::pixel_data_span(data, readable.encoding)? else {
         return readable.read(data);
     };
-    let mut object = readable.read(&data[..pixel_data.start])?;
+    let mut object = if readable.inflated.is_some() {
+        readable.read(&data[..pixel_data.start])?
+    } else {
+        read_file_until_pixel_data(part10)?
+    };
     if pixel_data.end < data.len() {
         for element in readable.read(&data[pixel_data.end..])? {
             object.put(element);
         }
     }
     Ok(object)
+}
+
+/// Reads a checked Part 10 file up to its top-level Pixel Data. dicom-rs's reader stops there
+/// cleanly; given the bytes before Pixel Data instead, it ends by failing to read one more
+/// element header, and that error captures a stack backtrace (0.75 % of the server's CPU per
+/// serial C-STORE). The file meta group is read a second time, which costs less.
+fn read_file_until_pixel_data(part10: &[u8]) -> Result<InMemDicomObject, InstanceError> {
+    OpenFileOptions::new()
+        .read_preamble(ReadPreamble::Always)
+        .read_until(tags::PIXEL_DATA)
+        .from_reader(part10)
+        .map(FileDicomObject::into_inner)
+        .map_err(|_| InstanceError::Unparseable)
 }
 
 /// Reads the whole data set, Pixel Data included, after the structural check.
