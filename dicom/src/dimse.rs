@@ -86,33 +86,40 @@ pub struct CommandError(pub &'static str);
 /// stack backtrace, 1.3 % of the server's CPU per serial C-STORE.
 pub fn parse_command(bytes: &[u8]) -> Result<(Command, bool), CommandError> {
     let command = CommandElements::read(bytes)?;
-    let unsigned = |tag: Tag| command.unsigned(tag);
-    let text = |tag: Tag| command.text(tag);
-    let command_field = unsigned(tags::COMMAND_FIELD).ok_or(CommandError("no command field"))?;
-    let has_data_set =
-        unsigned(tags::COMMAND_DATA_SET_TYPE).is_some_and(|kind| kind != NO_DATA_SET);
+    let required_message_id = || {
+        command
+            .unsigned(tags::MESSAGE_ID)
+            .ok_or(CommandError("no message id"))
+    };
+    let command_field = command
+        .unsigned(tags::COMMAND_FIELD)
+        .ok_or(CommandError("no command field"))?;
+    let has_data_set = command
+        .unsigned(tags::COMMAND_DATA_SET_TYPE)
+        .is_some_and(|kind| kind != NO_DATA_SET);
     let parsed = match command_field {
         0x0030 => Command::Echo {
-            message_id: unsigned(tags::MESSAGE_ID).ok_or(CommandError("no message id"))?,
-            sop_class_uid: text(tags::AFFECTED_SOP_CLASS_UID),
+            message_id: required_message_id()?,
+            sop_class_uid: command.text(tags::AFFECTED_SOP_CLASS_UID),
         },
         0x0001 => Command::Store {
-            message_id: unsigned(tags::MESSAGE_ID).ok_or(CommandError("no message id"))?,
-            sop_class_uid: text(tags::AFFECTED_SOP_CLASS_UID),
-            sop_instance_uid: text(tags::AFFECTED_SOP_INSTANCE_UID),
+            message_id: required_message_id()?,
+            sop_class_uid: command.text(tags::AFFECTED_SOP_CLASS_UID),
+            sop_instance_uid: command.text(tags::AFFECTED_SOP_INSTANCE_UID),
         },
         0x0020 => Command::Find {
-            message_id: unsigned(tags::MESSAGE_ID).ok_or(CommandError("no message id"))?,
-            sop_class_uid: text(tags::AFFECTED_SOP_CLASS_UID),
+            message_id: required_message_id()?,
+            sop_class_uid: command.text(tags::AFFECTED_SOP_CLASS_UID),
         },
         0x0FFF => Command::Cancel {
-            message_id: unsigned(tags::MESSAGE_ID_BEING_RESPONDED_TO)
+            message_id: command
+                .unsigned(tags::MESSAGE_ID_BEING_RESPONDED_TO)
                 .ok_or(CommandError("no message id being responded to"))?,
         },
         other => Command::Other {
             command_field: other,
-            message_id: unsigned(tags::MESSAGE_ID).unwrap_or(0),
-            sop_class_uid: text(tags::AFFECTED_SOP_CLASS_UID),
+            message_id: command.unsigned(tags::MESSAGE_ID).unwrap_or(0),
+            sop_class_uid: command.text(tags::AFFECTED_SOP_CLASS_UID),
         },
     };
     Ok((parsed, has_data_set))
