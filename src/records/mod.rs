@@ -11,6 +11,7 @@ pub mod patient_owners;
 pub mod search;
 pub mod search_index;
 pub mod stored_study_tokens;
+mod wal_sync;
 pub mod writer;
 
 use std::sync::Arc;

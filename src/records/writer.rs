@@ -15,6 +15,7 @@ use super::RecordError;
 use super::known_heads::{self, KnownHeads};
 use super::patient_owners::PatientOwners;
 use super::search_index::{DICOM_STUDY, IndexRows, TokenRow};
+use super::wal_sync::{self, Answer, WalFile, WalSync};
 use crate::journal::{self, AuditDraft, JournalIdentity, PendingLeaf};
 use crate::storage::statement::{BindValue, Statement};
 use crate::storage::{Database, Engine};
@@ -166,11 +167,12 @@ async fn run(
     patient_owners: Arc<PatientOwners>,
     mut receiver: mpsc::Receiver<Job>,
 ) {
+    let wal_sync = start_wal_sync(database.engine());
     // The writer keeps one connection for itself: on SQLite its page cache then stays valid
     // from one batch to the next (another connection's commit would discard it), and no batch
     // waits for the pool. A connection that failed a batch is replaced.
     // It gives the connection back when the pool closes (which waits for every connection).
-    let mut connection: Option<PoolConnection<Any>> = None;
+    let mut connection: Option<HeldConnection> = None;
     let mut pool_closed = std::pin::pin!(database.pool().close_event());
     let mut last_batch = Instant::now();
     loop {
@@ -191,23 +193,35 @@ async fn run(
                 Err(_) => break,
             }
         }
+        if wal_sync.as_ref().is_some_and(WalSync::has_failed) {
+            refuse_after_failed_flush(batch);
+            continue;
+        }
         let held = match connection.take() {
             Some(held) if last_batch.elapsed() < TRUST_HELD_CONNECTION => Ok(held),
-            Some(held) => checked_or_fresh(&database, held).await,
-            None => writer_connection(&database).await,
+            Some(held) => checked_or_fresh(&database, held, wal_sync.is_some()).await,
+            None => writer_connection(&database, wal_sync.is_some()).await,
         };
         last_batch = Instant::now();
         connection = match held {
             Ok(mut held) => {
-                let committed = commit_batch(&mut held, &identity, &patient_owners, batch).await;
-                if committed {
-                    database.note_commit();
-                    Some(held)
-                } else {
-                    // It may still be inside the failed batch's transaction (on SQLite one sqlx
-                    // does not know of): closed, not handed back to the pool.
-                    held.close_on_drop();
-                    None
+                match commit_batch(&mut held.connection, &identity, &patient_owners, batch).await {
+                    Some(answers) => {
+                        database.note_commit();
+                        match (&wal_sync, &held.wal) {
+                            (Some(wal_sync), Some(wal)) => {
+                                wal_sync.answer_when_durable(Arc::clone(wal), answers);
+                            }
+                            _ => wal_sync::answer(answers),
+                        }
+                        Some(held)
+                    }
+                    None => {
+                        // It may still be inside the failed batch's transaction (on SQLite one
+                        // sqlx does not know of): closed, not handed back to the pool.
+                        held.connection.close_on_drop();
+                        None
+                    }
                 }
             }
             Err(error) => {
@@ -218,36 +232,112 @@ async fn run(
     }
 }
 
+/// On SQLite, the thread that makes the writer's commits durable (see [`wal_sync`]); without it
+/// (the thread could not start) every commit is flushed inside `COMMIT`.
+fn start_wal_sync(engine: Engine) -> Option<WalSync> {
+    if engine != Engine::Sqlite {
+        return None;
+    }
+    match WalSync::start() {
+        Ok(wal_sync) => Some(wal_sync),
+        Err(error) => {
+            tracing::warn!(error = %error, "wal flushing thread did not start; sqlite commits flush inside the writer");
+            None
+        }
+    }
+}
+
+/// Answers a batch that arrived after a failed WAL flush: nothing may be committed any more.
+fn refuse_after_failed_flush(batch: Vec<Job>) {
+    for job in batch {
+        let _ = job.reply.send(Err(wal_sync::not_durable()));
+    }
+}
+
+/// The writer's own connection and, when its commits leave the flush to [`WalSync`], the WAL
+/// file they go to.
+struct HeldConnection {
+    connection: PoolConnection<Any>,
+    wal: Option<Arc<WalFile>>,
+}
+
 /// The held connection, after a ping, or a fresh one when the ping fails (a PostgreSQL server
 /// restarted while the writer was idle).
 async fn checked_or_fresh(
     database: &Database,
-    mut held: PoolConnection<Any>,
-) -> Result<PoolConnection<Any>, sqlx::Error> {
-    if held.ping().await.is_ok() {
+    mut held: HeldConnection,
+    flush_apart: bool,
+) -> Result<HeldConnection, sqlx::Error> {
+    if held.connection.ping().await.is_ok() {
         return Ok(held);
     }
-    held.close_on_drop();
+    held.connection.close_on_drop();
     drop(held);
-    writer_connection(database).await
+    writer_connection(database, flush_apart).await
 }
 
 /// A pool connection for the writer to hold. On SQLite its page cache is made small: profiles
 /// of C-STORE showed every commit ending in a scan of the whole cache's hash table
 /// (`pager_end_transaction` → `pcache1TruncateUnsafe`), about 4% of the server's CPU with the
 /// pool's 32 MiB cache and under 0.2% with 2 MiB, which still holds what a commit walks.
-async fn writer_connection(database: &Database) -> Result<PoolConnection<Any>, sqlx::Error> {
+/// With `flush_apart` and a WAL file to flush, its commits stop waiting for the disk: the
+/// caller hands them to [`WalSync`].
+async fn writer_connection(
+    database: &Database,
+    flush_apart: bool,
+) -> Result<HeldConnection, sqlx::Error> {
     let mut connection = database.pool().acquire().await?;
-    if database.engine() == Engine::Sqlite {
-        sqlx::query(WRITER_SQLITE_CACHE)
+    if database.engine() != Engine::Sqlite {
+        return Ok(HeldConnection {
+            connection,
+            wal: None,
+        });
+    }
+    sqlx::query(WRITER_SQLITE_CACHE)
+        .execute(&mut *connection)
+        .await?;
+    let wal = if flush_apart {
+        wal_of(&mut connection).await?
+    } else {
+        None
+    };
+    if wal.is_some() {
+        sqlx::query(COMMIT_WITHOUT_FLUSH)
             .execute(&mut *connection)
             .await?;
     }
-    Ok(connection)
+    Ok(HeldConnection {
+        connection,
+        wal: wal.map(Arc::new),
+    })
 }
 
 /// The writer's SQLite page cache: 2 MiB.
 const WRITER_SQLITE_CACHE: &str = "PRAGMA cache_size = -2048";
+
+/// Commits that write the WAL without flushing it (SQLite still flushes it before every
+/// checkpoint); [`WalSync`] flushes it before anyone hears of them.
+const COMMIT_WITHOUT_FLUSH: &str = "PRAGMA synchronous = NORMAL";
+
+/// The WAL file of the connection's main database; `None` when the database is not a file in
+/// WAL mode.
+async fn wal_of(connection: &mut AnyConnection) -> Result<Option<WalFile>, sqlx::Error> {
+    let journal_mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut *connection)
+        .await?;
+    if !journal_mode.eq_ignore_ascii_case("wal") {
+        return Ok(None);
+    }
+    let databases = sqlx::query("PRAGMA database_list")
+        .fetch_all(&mut *connection)
+        .await?;
+    let main_file = databases.iter().find_map(|row| {
+        let name: String = row.try_get(1).ok()?;
+        let file: String = row.try_get(2).ok()?;
+        (name == "main" && !file.is_empty()).then_some(file)
+    });
+    Ok(main_file.and_then(|file| WalFile::open(std::path::Path::new(&file))))
+}
 
 /// Answers every job of a batch that failed as a whole with the storage error.
 fn fail_replies(replies: Vec<Reply>, error: &sqlx::Error) {
@@ -259,14 +349,14 @@ fn fail_replies(replies: Vec<Reply>, error: &sqlx::Error) {
     }
 }
 
-/// Runs one batch and answers its jobs; `false` when the batch failed as a whole (the
-/// connection is then not trusted with the next one).
+/// Runs one batch and returns the answer to each of its jobs; `None` when the batch failed as a
+/// whole (its jobs are then answered, and the connection is not trusted with the next batch).
 async fn commit_batch(
     connection: &mut AnyConnection,
     identity: &JournalIdentity,
     patient_owners: &PatientOwners,
     batch: Vec<Job>,
-) -> bool {
+) -> Option<Vec<Answer>> {
     let (units, replies): (Vec<WriteUnit>, Vec<_>) =
         batch.into_iter().map(|job| (job.unit, job.reply)).unzip();
     let outcome = run_batch_transaction(connection, identity, &units).await;
@@ -276,15 +366,10 @@ async fn commit_batch(
         patient_owners.forget_all();
     }
     match outcome {
-        Ok(outcomes) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(outcome);
-            }
-            true
-        }
+        Ok(outcomes) => Some(replies.into_iter().zip(outcomes).collect()),
         Err(error) => {
             fail_replies(replies, &error);
-            false
+            None
         }
     }
 }

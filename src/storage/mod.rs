@@ -31,6 +31,10 @@ pub enum StorageError {
     Migrate(String),
     #[error("database error: {0}")]
     Database(String),
+    #[error(
+        "the database's write-ahead log could not be flushed to disk; writes are refused until the appliance restarts"
+    )]
+    NotDurable,
 }
 
 impl From<sqlx::Error> for StorageError {
