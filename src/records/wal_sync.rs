@@ -4,9 +4,10 @@
 //! before any of those commits' callers hears of them. The writer meanwhile runs its next batch.
 //!
 //! SQLite recovers a WAL up to its last intact commit, so a flush that covers a commit covers
-//! every earlier one too. A failed flush stops every later write until the process restarts:
-//! the kernel may have dropped the pages that failed, and a later flush that succeeds would not
-//! bring them back (nor the commits after them, which recovery cannot reach past a gap).
+//! every earlier one too. A failed flush stops the process, as PostgreSQL does: the kernel may
+//! have dropped the pages that failed, a later flush that succeeds would not bring them back, and
+//! every commit after them (by any connection) would sit behind a gap that recovery cannot reach
+//! past. What was kept is for recovery, at the next start, to decide.
 
 use std::fs::File;
 use std::path::Path;
@@ -37,14 +38,19 @@ pub struct WalFile {
 impl WalFile {
     /// Opens the WAL of the SQLite database file at `database_path`; `None` when there is none
     /// (a database in memory, or not in WAL mode).
+    /// A WAL that cannot be opened for another reason is logged; the caller then commits with
+    /// the flush inside `COMMIT`.
     pub fn open(database_path: &Path) -> Option<Self> {
         let mut wal_path = database_path.as_os_str().to_owned();
         wal_path.push("-wal");
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(wal_path)
-            .ok()?;
-        Some(Self { file })
+        match std::fs::OpenOptions::new().write(true).open(wal_path) {
+            Ok(file) => Some(Self { file }),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => {
+                tracing::warn!(error = %error, "sqlite write-ahead log not opened for flushing; the record writer flushes inside each commit");
+                None
+            }
+        }
     }
 
     fn flush(&self) -> std::io::Result<()> {
@@ -66,20 +72,24 @@ pub struct WalSync {
 }
 
 impl WalSync {
-    /// Starts the flushing thread; it ends when this handle is dropped.
+    /// Starts the flushing thread; it ends when this handle is dropped. A failed flush stops the
+    /// process once the callers it concerns are answered.
     pub fn start() -> std::io::Result<Self> {
-        Self::start_with(WalFile::flush)
+        Self::start_with(WalFile::flush, stop_process)
     }
 
     fn start_with(
         flush: impl Fn(&WalFile) -> std::io::Result<()> + Send + 'static,
+        after_failed_flush: fn(),
     ) -> std::io::Result<Self> {
         let (sender, receiver) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
         let thread_failed = Arc::clone(&failed);
         std::thread::Builder::new()
             .name("glastonbury-wal-sync".to_owned())
-            .spawn(move || flush_and_answer(&receiver, &thread_failed, &flush))?;
+            .spawn(move || {
+                flush_and_answer(&receiver, &thread_failed, &flush, after_failed_flush);
+            })?;
         Ok(Self { sender, failed })
     }
 
@@ -91,6 +101,8 @@ impl WalSync {
     /// Sends `answers` once the commit they belong to is on disk in `wal`.
     pub fn answer_when_durable(&self, wal: Arc<WalFile>, answers: Vec<Answer>) {
         if let Err(mpsc::SendError(batch)) = self.sender.send(CommittedBatch { wal, answers }) {
+            // The flushing thread is gone: nothing can be made durable any more.
+            self.failed.store(true, Ordering::Release);
             answer_not_durable(batch.answers);
         }
     }
@@ -101,6 +113,7 @@ fn flush_and_answer(
     receiver: &mpsc::Receiver<CommittedBatch>,
     failed: &AtomicBool,
     flush: &dyn Fn(&WalFile) -> std::io::Result<()>,
+    after_failed_flush: fn(),
 ) {
     while let Ok(first) = receiver.recv() {
         let mut batches = vec![first];
@@ -116,7 +129,19 @@ fn flush_and_answer(
                 answer_not_durable(batch.answers);
             }
         }
+        if !durable {
+            after_failed_flush();
+        }
     }
+}
+
+/// Exit status of a process stopped by a failed WAL flush.
+const EXIT_WAL_NOT_DURABLE: i32 = 75;
+
+/// Stops the process after a failed flush, giving the answers just sent a moment to leave.
+fn stop_process() {
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    std::process::exit(EXIT_WAL_NOT_DURABLE);
 }
 
 /// Flushes the WAL of every batch (normally one file); `false` at the first failure.
@@ -130,7 +155,7 @@ fn flush_each_wal(
             continue;
         }
         if let Err(error) = flush(&batch.wal) {
-            tracing::error!(error = %error, "sqlite write-ahead log could not be flushed to disk; the record writer refuses every write until the appliance restarts");
+            tracing::error!(error = %error, "sqlite write-ahead log could not be flushed to disk; the appliance stops so that recovery decides what was kept");
             return false;
         }
         flushed.push(&batch.wal);
@@ -145,7 +170,8 @@ pub fn answer(answers: Vec<Answer>) {
     }
 }
 
-/// Answers every unit of a batch whose commit may not be durable with a storage error.
+/// Answers every unit of a batch whose commit may or may not have been kept with a storage
+/// error.
 pub fn answer_not_durable(answers: Vec<Answer>) {
     for (reply, _) in answers {
         let _ = reply.send(Err(not_durable()));
@@ -161,6 +187,9 @@ pub fn not_durable() -> RecordError {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    /// Tests observe the refusals instead of the process stopping.
+    fn keep_running() {}
 
     fn receipt(first_leaf_index: u64) -> Result<UnitReceipt, RecordError> {
         Ok(UnitReceipt {
@@ -186,10 +215,13 @@ mod tests {
         let folder = tempfile::tempdir().unwrap();
         let flushes = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&flushes);
-        let sync = WalSync::start_with(move |wal| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            wal.flush()
-        })
+        let sync = WalSync::start_with(
+            move |wal| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                wal.flush()
+            },
+            keep_running,
+        )
         .unwrap();
         let (reply, answered) = oneshot::channel();
         sync.answer_when_durable(wal_in(&folder), vec![(reply, receipt(7))]);
@@ -205,14 +237,17 @@ mod tests {
         let wal = wal_in(&folder);
         let flushes = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&flushes);
-        let (flush_started, started) = std::sync::mpsc::channel();
-        let (release, released) = std::sync::mpsc::channel::<()>();
-        let sync = WalSync::start_with(move |_| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            flush_started.send(()).unwrap();
-            released.recv().unwrap();
-            Ok(())
-        })
+        let (flush_started, started) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let sync = WalSync::start_with(
+            move |_| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                flush_started.send(()).unwrap();
+                released.recv().unwrap();
+                Ok(())
+            },
+            keep_running,
+        )
         .unwrap();
         let (reply, first) = oneshot::channel();
         sync.answer_when_durable(Arc::clone(&wal), vec![(reply, receipt(1))]);
@@ -239,13 +274,16 @@ mod tests {
         let wal = wal_in(&folder);
         let flushes = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&flushes);
-        let sync = WalSync::start_with(move |_| {
-            // The first flush fails; a later one would succeed, and must not be believed.
-            match counted.fetch_add(1, Ordering::SeqCst) {
-                0 => Err(std::io::Error::other("write-back failed")),
-                _ => Ok(()),
-            }
-        })
+        let sync = WalSync::start_with(
+            move |_| {
+                // The first flush fails; a later one would succeed, and must not be believed.
+                match counted.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err(std::io::Error::other("write-back failed")),
+                    _ => Ok(()),
+                }
+            },
+            keep_running,
+        )
         .unwrap();
         let (reply, answered) = oneshot::channel();
         sync.answer_when_durable(Arc::clone(&wal), vec![(reply, receipt(1))]);

@@ -171,7 +171,7 @@ async fn run(
     // The writer keeps one connection for itself: on SQLite its page cache then stays valid
     // from one batch to the next (another connection's commit would discard it), and no batch
     // waits for the pool. A connection that failed a batch is replaced.
-    // It gives the connection back when the pool closes (which waits for every connection).
+    // It closes the connection when the pool closes (which waits for every connection).
     let mut connection: Option<HeldConnection> = None;
     let mut pool_closed = std::pin::pin!(database.pool().close_event());
     let mut last_batch = Instant::now();
@@ -204,25 +204,16 @@ async fn run(
         };
         last_batch = Instant::now();
         connection = match held {
-            Ok(mut held) => {
-                match commit_batch(&mut held.connection, &identity, &patient_owners, batch).await {
-                    Some(answers) => {
-                        database.note_commit();
-                        match (&wal_sync, &held.wal) {
-                            (Some(wal_sync), Some(wal)) => {
-                                wal_sync.answer_when_durable(Arc::clone(wal), answers);
-                            }
-                            _ => wal_sync::answer(answers),
-                        }
-                        Some(held)
-                    }
-                    None => {
-                        // It may still be inside the failed batch's transaction (on SQLite one
-                        // sqlx does not know of): closed, not handed back to the pool.
-                        held.connection.close_on_drop();
-                        None
-                    }
-                }
+            Ok(held) => {
+                commit_on(
+                    held,
+                    &database,
+                    &identity,
+                    &patient_owners,
+                    wal_sync.as_ref(),
+                    batch,
+                )
+                .await
             }
             Err(error) => {
                 fail_replies(batch.into_iter().map(|job| job.reply).collect(), &error);
@@ -230,6 +221,27 @@ async fn run(
             }
         };
     }
+}
+
+/// Commits a batch on the held connection and sends (or, with `wal_sync`, has sent once
+/// durable) its answers; the connection back, or `None` when the batch failed as a whole (it may
+/// still be inside the failed batch's transaction, on SQLite one sqlx does not know of, so it is
+/// closed, not handed back to the pool).
+async fn commit_on(
+    mut held: HeldConnection,
+    database: &Database,
+    identity: &JournalIdentity,
+    patient_owners: &PatientOwners,
+    wal_sync: Option<&WalSync>,
+    batch: Vec<Job>,
+) -> Option<HeldConnection> {
+    let answers = commit_batch(&mut held.connection, identity, patient_owners, batch).await?;
+    database.note_commit();
+    match (wal_sync, &held.wal) {
+        (Some(wal_sync), Some(wal)) => wal_sync.answer_when_durable(Arc::clone(wal), answers),
+        _ => wal_sync::answer(answers),
+    }
+    Some(held)
 }
 
 /// On SQLite, the thread that makes the writer's commits durable (see [`wal_sync`]); without it
@@ -255,10 +267,17 @@ fn refuse_after_failed_flush(batch: Vec<Job>) {
 }
 
 /// The writer's own connection and, when its commits leave the flush to [`WalSync`], the WAL
-/// file they go to.
+/// file they go to. Never handed back to the pool: its settings (no flush at commit, a small
+/// page cache) are the writer's alone.
 struct HeldConnection {
     connection: PoolConnection<Any>,
     wal: Option<Arc<WalFile>>,
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        self.connection.close_on_drop();
+    }
 }
 
 /// The held connection, after a ping, or a fresh one when the ping fails (a PostgreSQL server
@@ -271,7 +290,6 @@ async fn checked_or_fresh(
     if held.connection.ping().await.is_ok() {
         return Ok(held);
     }
-    held.connection.close_on_drop();
     drop(held);
     writer_connection(database, flush_apart).await
 }

@@ -32,7 +32,7 @@ pub enum StorageError {
     #[error("database error: {0}")]
     Database(String),
     #[error(
-        "the database's write-ahead log could not be flushed to disk; writes are refused until the appliance restarts"
+        "the database's write-ahead log could not be flushed to disk, so whether this write was kept is unknown; the appliance is stopping"
     )]
     NotDurable,
 }
