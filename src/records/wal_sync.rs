@@ -15,17 +15,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 
-use tokio::sync::oneshot;
-
 use super::RecordError;
-use super::writer::UnitReceipt;
+use super::writer::{Reply, UnitReceipt};
 use crate::storage::StorageError;
 
 /// One unit's caller and what to tell it.
-pub type Answer = (
-    oneshot::Sender<Result<UnitReceipt, RecordError>>,
-    Result<UnitReceipt, RecordError>,
-);
+pub type Answer = (Reply, Result<UnitReceipt, RecordError>);
 
 /// The write-ahead log of the writer's SQLite database, opened while the writer's connection
 /// holds it in place (SQLite removes it only when its last connection closes). Kept open, so a
@@ -187,6 +182,7 @@ pub fn not_durable() -> RecordError {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+    use tokio::sync::oneshot;
 
     /// Tests observe the refusals instead of the process stopping.
     fn keep_running() {}

@@ -119,7 +119,7 @@ pub struct UnitReceipt {
 }
 
 /// Where a unit's outcome goes.
-type Reply = oneshot::Sender<Result<UnitReceipt, RecordError>>;
+pub(super) type Reply = oneshot::Sender<Result<UnitReceipt, RecordError>>;
 
 struct Job {
     unit: WriteUnit,
