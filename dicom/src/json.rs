@@ -21,6 +21,21 @@ pub fn header_json_bytes(
     Ok(out)
 }
 
+/// DICOM JSON of only the attributes `tags` of a header (those it has), in the form
+/// [`header_json_bytes`] writes: for reads that need those few attributes of many instances,
+/// kept beside the whole header so they need not open it.
+pub fn selected_json_bytes(
+    header: &InMemDicomObject,
+    tags: &[Tag],
+) -> Result<Vec<u8>, crate::json_writer::JsonWriteError> {
+    let selected = InMemDicomObject::from_element_iter(
+        tags.iter().filter_map(|tag| header.get(*tag).cloned()),
+    );
+    let mut out = Vec::new();
+    crate::json_writer::write_data_set(&mut out, &selected)?;
+    Ok(out)
+}
+
 /// Room for a typical CT or MR header's DICOM JSON, so writing it rarely reallocates.
 const HEADER_JSON_CAPACITY: usize = 8192;
 

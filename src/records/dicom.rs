@@ -93,6 +93,8 @@ fn dicom_key(blind: &crate::vault::BlindIndex, level: &str, uid: &str) -> String
 struct KeyedInstanceIndex {
     /// The header as DICOM JSON, still to be sealed with the patient's index key.
     header: Vec<u8>,
+    /// What the study's ImagingStudy lists of the instance, as DICOM JSON, still to be sealed.
+    listed_values: Vec<u8>,
     instance_key: String,
     series_key: String,
     study_key: String,
@@ -241,6 +243,7 @@ impl Records {
         let keyed = keyed?;
         let recipient = self.vault.patient_recipient(&patient_ref).await?;
         let header_ciphertext = recipient.seal_for_index(&keyed.header)?;
+        let listed_values_ciphertext = recipient.seal_for_index(&keyed.listed_values)?;
         let payload = self
             .encrypted_payload(&recipient, &patient_ref, &instance.part10)
             .await?;
@@ -267,6 +270,7 @@ impl Records {
             header: header_ciphertext,
             study_tokens: keyed.study_tokens,
             deidentified_keys: keyed.deidentified_keys,
+            listed_values: listed_values_ciphertext,
         });
         let draft = AuditDraft::by(
             allowed.principal(),
@@ -304,6 +308,7 @@ impl Records {
         };
         Ok(KeyedInstanceIndex {
             header,
+            listed_values: super::imaging_study::listed_values_json(instance)?,
             instance_key: dicom_key(blind, "instance", &instance.sop_instance_uid),
             series_key: dicom_key(blind, "series", &instance.series_instance_uid),
             study_key,

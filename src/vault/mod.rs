@@ -8,6 +8,7 @@ mod index_key;
 pub mod master_key;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -31,6 +32,18 @@ pub const NO_PATIENT: &str = "no-patient";
 pub struct PatientRecipient {
     recipient: age::x25519::Recipient,
     index_key: Arc<IndexKey>,
+}
+
+/// An upper bound of the length of an age file to one X25519 recipient holding `plaintext_length`
+/// bytes: its header (under 512 bytes: the version line, the X25519 stanza, a random "grease"
+/// stanza of at most about 210 bytes and the MAC line), the payload nonce (16) and a 16-byte tag
+/// for each 64 KiB chunk (one chunk at least).
+fn age_file_length(plaintext_length: usize) -> usize {
+    const HEADER_AT_MOST: usize = 512;
+    const PAYLOAD_NONCE: usize = 16;
+    const CHUNK: usize = 64 * 1024;
+    const TAG: usize = 16;
+    HEADER_AT_MOST + PAYLOAD_NONCE + (plaintext_length / CHUNK + 1) * TAG + plaintext_length
 }
 
 impl PatientRecipient {
@@ -174,8 +187,22 @@ impl PatientRecipient {
     /// Encrypts a payload to the patient (a fresh age file each time): for record bodies and
     /// blobs, which `patient export-key` and the `age` CLI can open.
     pub fn encrypt(&self, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
-        age::encrypt(&self.recipient, plaintext)
-            .map_err(|error| VaultError::Crypto(error.to_string()))
+        let crypto_error = |error: &dyn std::fmt::Display| VaultError::Crypto(error.to_string());
+        let encryptor = age::Encryptor::with_recipients(std::iter::once(
+            &self.recipient as &dyn age::Recipient,
+        ))
+        .map_err(|error| crypto_error(&error))?;
+        // Sized for the whole file up front: `age::encrypt` reserves only the plaintext's
+        // length, and growing the vector at the end copied every C-STORE's ciphertext once more.
+        let mut ciphertext = Vec::with_capacity(age_file_length(plaintext.len()));
+        let mut writer = encryptor
+            .wrap_output(&mut ciphertext)
+            .map_err(|error| crypto_error(&error))?;
+        writer
+            .write_all(plaintext)
+            .map_err(|error| crypto_error(&error))?;
+        writer.finish().map_err(|error| crypto_error(&error))?;
+        Ok(ciphertext)
     }
 
     /// Seals a value only the appliance reads back (an index copy of data the record itself
@@ -763,4 +790,28 @@ impl Vault {
 pub struct RotationSummary {
     pub patient_keys: u64,
     pub vault_secrets: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_sealed_into_room_reserved_for_it_and_opens_again() {
+        let identity = age::x25519::Identity::generate();
+        let recipient = PatientRecipient {
+            recipient: identity.to_public(),
+            index_key: Arc::new(IndexKey::derive(b"test identity", "patient")),
+        };
+        for length in [0, 1, 40_000, 64 * 1024, 64 * 1024 + 1, 300_000] {
+            let plaintext: Vec<u8> = (0..length).map(|byte| (byte % 251) as u8).collect();
+            let ciphertext = recipient.encrypt(&plaintext).unwrap();
+            assert!(
+                ciphertext.len() <= age_file_length(length),
+                "{length} bytes became {}",
+                ciphertext.len()
+            );
+            assert_eq!(age::decrypt(&identity, &ciphertext).unwrap(), plaintext);
+        }
+    }
 }

@@ -536,6 +536,33 @@ fn a_studys_metadata_and_imaging_study_name_every_instance_of_every_series() {
     }
 
     // The ImagingStudy lists both series, and each one's instances in instance-number order.
+    let imaging_study =
+        wait_for_imaging_study(&gateway, study_uid, |study| study["numberOfInstances"] == 6);
+    assert_lists_every_instance_in_order(&imaging_study, &stored);
+
+    // Instances stored before their listed values were kept beside the header (migration 0011)
+    // are listed from the header itself: with every row's listed values gone, a rebuild (here
+    // after one instance is stored again) lists the same series and instances.
+    forget_listed_values(&gateway);
+    let version = imaging_study["meta"]["versionId"].clone();
+    let (status, answer) = gateway.stow(
+        &gateway.writer_token,
+        "studies",
+        &[std::fs::read(&files[0]).unwrap()],
+    );
+    assert_eq!(status, 200, "{answer}");
+    let rebuilt = wait_for_imaging_study(&gateway, study_uid, |study| {
+        study["meta"]["versionId"] != version
+    });
+    assert_lists_every_instance_in_order(&rebuilt, &stored);
+}
+
+/// The study's ImagingStudy once `ready` holds for it (it is derived shortly after a store).
+fn wait_for_imaging_study(
+    gateway: &Gateway,
+    study_uid: &str,
+    ready: impl Fn(&Value) -> bool,
+) -> Value {
     let fhir_reader = gateway
         .server
         .token_for("clinician", &["system/ImagingStudy.rs"]);
@@ -544,7 +571,7 @@ fn a_studys_metadata_and_imaging_study_name_every_instance_of_every_series() {
         gateway.server.base_url
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let imaging_study = loop {
+    loop {
         let bundle: Value = gateway
             .client
             .get(&search)
@@ -554,15 +581,43 @@ fn a_studys_metadata_and_imaging_study_name_every_instance_of_every_series() {
             .json()
             .unwrap();
         let resource = &bundle["entry"][0]["resource"];
-        if resource["numberOfInstances"] == 6 {
-            break resource.clone();
+        if ready(resource) {
+            return resource.clone();
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no ImagingStudy of all six instances: {bundle}"
+            "the ImagingStudy did not become ready: {bundle}"
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
-    };
+    }
+}
+
+/// Removes every stored instance's listed values, as rows stored before migration 0011 are.
+fn forget_listed_values(gateway: &Gateway) {
+    let database = gateway.workspace.path().join("data").join("glastonbury.db");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&database)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let mut connection = sqlx::ConnectOptions::connect(&options).await.unwrap();
+        let forgotten = sqlx::query("UPDATE dicom_instances SET listed_values = NULL")
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        assert_eq!(forgotten.rows_affected(), 6);
+    });
+}
+
+/// Asserts that an ImagingStudy of the two-series study `stored` lists each series with its
+/// instances in instance-number order.
+fn assert_lists_every_instance_in_order(
+    imaging_study: &Value,
+    stored: &[glastonbury_dicom::Instance],
+) {
     assert_eq!(imaging_study["numberOfSeries"], 2, "{imaging_study}");
     for series in imaging_study["series"].as_array().unwrap() {
         let number = series["number"].as_u64().unwrap();
