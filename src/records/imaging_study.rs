@@ -2,7 +2,7 @@
 //! the study are stored (the record-stored events are the trigger), so FHIR clients find the
 //! studies the DICOM gateway holds: identifier, subject, start, modalities, series and instances.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +11,12 @@ use dicom_dictionary_std::tags;
 use glastonbury_dicom::{Instance, json};
 use serde_json::{Value, json as json_value};
 use sqlx::Row;
+use tokio::sync::{broadcast, mpsc};
 
 use super::patient_owners::RememberedOwner;
-use super::search_index::{DICOM_INSTANCE, patient_identifier_token};
+use super::search_index::patient_identifier_token;
 use super::writer::Precondition;
-use super::{PreparedWrite, RecordBody, RecordError, RecordKey, Records};
+use super::{PreparedWrite, RecordBody, RecordError, RecordKey, RecordStored, Records};
 use crate::access::{Principal, Role};
 use crate::journal::{AuditDraft, codes};
 
@@ -285,56 +286,17 @@ impl Records {
         Ok(owner)
     }
 
-    /// The study a stored DICOM instance belongs to (its keyed hash).
-    async fn study_of_instance(&self, instance_key: &str) -> Result<Option<String>, RecordError> {
-        let found: Option<(String,)> =
-            sqlx::query_as("SELECT study_key FROM dicom_instances WHERE instance_key = $1")
-                .bind(instance_key)
-                .fetch_optional(self.database.pool())
-                .await?;
-        Ok(found.map(|(study_key,)| study_key))
-    }
-
     /// Keeps every study's ImagingStudy current: gathers the studies of stored instances until
     /// they stop arriving for a moment (at most ten seconds), then rebuilds each once. Runs
-    /// until the process ends.
+    /// until the process ends. Gathering goes on while a rebuild runs, so a long rebuild does
+    /// not make it miss the stores that arrive meanwhile.
     pub async fn derive_imaging_studies(self: Arc<Self>) {
-        let mut stored = self.subscribe();
-        loop {
-            let mut studies = std::collections::BTreeSet::new();
-            match stored.recv().await {
-                Ok(event) if event.meta.key.resource_type == DICOM_INSTANCE => {
-                    studies.insert(event.meta.key.resource_id);
-                }
-                Ok(_) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-            }
-            // Rebuilding decrypts every instance header of the study: during a burst of
-            // C-STOREs, wait for quiet (or at most MAX_GATHER) and rebuild once.
-            let last_chance = tokio::time::Instant::now() + MAX_GATHER;
-            loop {
-                let deadline = (tokio::time::Instant::now() + QUIET).min(last_chance);
-                match tokio::time::timeout_at(deadline, stored.recv()).await {
-                    Ok(Ok(event)) if event.meta.key.resource_type == DICOM_INSTANCE => {
-                        studies.insert(event.meta.key.resource_id);
-                    }
-                    Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {}
-                    Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) | Err(_) => break,
-                }
-                if tokio::time::Instant::now() >= last_chance {
-                    break;
-                }
-            }
-            let mut study_keys = std::collections::BTreeSet::new();
-            for instance_key in studies {
-                match self.study_of_instance(&instance_key).await {
-                    Ok(Some(study_key)) => {
-                        study_keys.insert(study_key);
-                    }
-                    Ok(None) => {}
-                    Err(error) => tracing::error!(error = %error, "imaging study lookup failed"),
-                }
+        let (gathered, mut to_rebuild) = mpsc::unbounded_channel();
+        tokio::spawn(gather_stored_studies(self.subscribe(), gathered));
+        while let Some(mut study_keys) = to_rebuild.recv().await {
+            // Studies gathered while the last ones were rebuilt: each is rebuilt once.
+            while let Ok(more) = to_rebuild.try_recv() {
+                study_keys.extend(more);
             }
             for study_key in study_keys {
                 if let Err(error) = self.derive_imaging_study(&study_key).await {
@@ -343,6 +305,62 @@ impl Records {
             }
         }
     }
+}
+
+/// Sends the studies of stored DICOM instances, one set per burst of stores: a burst ends when
+/// stores stop arriving for [`QUIET`] or after [`MAX_GATHER`], so a burst of C-STOREs costs one
+/// rebuild per study, not one per instance.
+async fn gather_stored_studies(
+    mut stored: broadcast::Receiver<RecordStored>,
+    gathered: mpsc::UnboundedSender<BTreeSet<String>>,
+) {
+    loop {
+        let Some(first) = next_stored_study(&mut stored).await else {
+            return;
+        };
+        let mut study_keys = BTreeSet::from([first]);
+        let last_chance = tokio::time::Instant::now() + MAX_GATHER;
+        loop {
+            let deadline = (tokio::time::Instant::now() + QUIET).min(last_chance);
+            match tokio::time::timeout_at(deadline, stored.recv()).await {
+                Ok(Ok(event)) => study_keys.extend(event.study_key),
+                Ok(Err(broadcast::error::RecvError::Lagged(missed))) => {
+                    warn_of_missed_stores(missed)
+                }
+                Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break,
+            }
+            if tokio::time::Instant::now() >= last_chance {
+                break;
+            }
+        }
+        if gathered.send(study_keys).is_err() {
+            return;
+        }
+    }
+}
+
+/// The study of the next stored DICOM instance; `None` once no more records can be stored.
+async fn next_stored_study(stored: &mut broadcast::Receiver<RecordStored>) -> Option<String> {
+    loop {
+        match stored.recv().await {
+            Ok(RecordStored {
+                study_key: Some(study_key),
+                ..
+            }) => return Some(study_key),
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => warn_of_missed_stores(missed),
+            Err(broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+/// The gatherer fell so far behind that stored-record events were dropped: the studies they
+/// named are rebuilt only when another of their instances is stored.
+fn warn_of_missed_stores(missed: u64) {
+    tracing::warn!(
+        missed,
+        "imaging study gatherer fell behind; studies stored meanwhile are rebuilt at their next store"
+    );
 }
 
 /// The ImagingStudy resource of a study's instances (those listed; `total` counts them all),
@@ -469,6 +487,67 @@ mod tests {
         assert_eq!(read.series_number, Some(7));
         assert_eq!(read.instance_number, Some(12));
         assert_eq!(read.series_description.as_deref(), Some("AXIAL 5mm"));
+    }
+
+    fn stored(resource_type: &str, study_key: Option<&str>) -> RecordStored {
+        RecordStored {
+            meta: super::super::RecordVersion {
+                key: RecordKey::new(resource_type, "some-id"),
+                version: 1,
+                last_updated: 0,
+                deleted: false,
+            },
+            patient_ref: "Patient/p".to_owned(),
+            study_key: study_key.map(str::to_owned),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_stores_is_gathered_into_one_set_of_studies_and_other_records_are_ignored() {
+        let (events, receiver) = broadcast::channel(16);
+        let (gathered, mut sets) = mpsc::unbounded_channel();
+        let gatherer = tokio::spawn(gather_stored_studies(receiver, gathered));
+        events.send(stored("Patient", None)).unwrap();
+        events
+            .send(stored("DicomInstance", Some("study-a")))
+            .unwrap();
+        events
+            .send(stored("DicomInstance", Some("study-b")))
+            .unwrap();
+        events.send(stored("Observation", None)).unwrap();
+        events
+            .send(stored("DicomInstance", Some("study-a")))
+            .unwrap();
+        let burst = sets.recv().await.expect("the burst is gathered");
+        assert_eq!(
+            burst,
+            BTreeSet::from(["study-a".to_owned(), "study-b".to_owned()])
+        );
+        events
+            .send(stored("DicomInstance", Some("study-c")))
+            .unwrap();
+        let next = sets.recv().await.expect("the next burst is gathered");
+        assert_eq!(next, BTreeSet::from(["study-c".to_owned()]));
+        drop(events);
+        gatherer
+            .await
+            .expect("the gatherer ends when no more records can be stored");
+        assert!(sets.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_gatherer_that_fell_behind_goes_on_with_the_stores_it_still_has() {
+        let (events, receiver) = broadcast::channel(2);
+        let (gathered, mut sets) = mpsc::unbounded_channel();
+        for study in ["study-a", "study-b", "study-c", "study-d"] {
+            events.send(stored("DicomInstance", Some(study))).unwrap();
+        }
+        tokio::spawn(gather_stored_studies(receiver, gathered));
+        let burst = sets.recv().await.expect("the burst is gathered");
+        assert_eq!(
+            burst,
+            BTreeSet::from(["study-c".to_owned(), "study-d".to_owned()])
+        );
     }
 
     #[test]

@@ -217,6 +217,8 @@ pub struct Record {
 pub struct RecordStored {
     pub meta: RecordVersion,
     pub patient_ref: String,
+    /// The keyed hash of the study a DICOM instance belongs to; `None` for other records.
+    pub study_key: Option<String>,
 }
 
 /// The record path of one appliance process.
@@ -631,19 +633,31 @@ impl Records {
         &self,
         prepared: Vec<PreparedWrite>,
     ) -> Result<Vec<RecordVersion>, RecordError> {
-        let mut keys = Vec::with_capacity(prepared.len());
+        let mut announced = Vec::with_capacity(prepared.len());
         let mut unit = WriteUnit::default();
         for write in prepared {
-            keys.push((write.key, write.row.deleted, write.row.patient_ref.clone()));
+            let study_key = write
+                .row
+                .dicom
+                .as_ref()
+                .map(|dicom| dicom.study_key.clone());
+            announced.push((
+                write.key,
+                write.row.deleted,
+                write.row.patient_ref.clone(),
+                study_key,
+            ));
             unit.rows.push(write.row);
             unit.audit.push(write.draft);
         }
         let receipt = self.writer.write(unit).await?;
-        if receipt.rows.len() != keys.len() {
+        if receipt.rows.len() != announced.len() {
             return Err(RecordError::Unavailable);
         }
-        let mut versions = Vec::with_capacity(keys.len());
-        for ((key, deleted, patient_ref), written) in keys.into_iter().zip(receipt.rows) {
+        let mut versions = Vec::with_capacity(announced.len());
+        for ((key, deleted, patient_ref, study_key), written) in
+            announced.into_iter().zip(receipt.rows)
+        {
             let meta = RecordVersion {
                 key,
                 version: written.version,
@@ -654,6 +668,7 @@ impl Records {
                 let _ = self.stored_events.send(RecordStored {
                     meta: meta.clone(),
                     patient_ref,
+                    study_key,
                 });
             }
             versions.push(meta);
