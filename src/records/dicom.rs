@@ -295,9 +295,7 @@ impl Records {
         instance: &Instance,
         attributes: &IndexedAttributes,
     ) -> Result<KeyedInstanceIndex, RecordError> {
-        let header = json::header_json_bytes(&instance.header).map_err(|_| {
-            RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned())
-        })?;
+        let header = json::header_json_bytes(&instance.header).map_err(header_not_rendered)?;
         let blind = self.vault.blind_index();
         let study_key = dicom_key(blind, "study", &instance.study_instance_uid);
         let token_fingerprint = TokenFingerprint::of(blind, attributes);
@@ -1146,4 +1144,9 @@ fn is_study_level(tag: Tag) -> bool {
 /// Values never inlined in query results.
 fn is_bulk(tag: Tag) -> bool {
     matches!(tag, tags::PIXEL_DATA) || tag.group() & 0xFF00 == 0x6000 && tag.element() == 0x3000
+}
+
+/// The error of a header (or part of one) that cannot be written as DICOM JSON.
+pub(super) fn header_not_rendered<E>(_: E) -> RecordError {
+    RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned())
 }

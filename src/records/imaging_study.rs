@@ -13,12 +13,14 @@ use serde_json::{Value, json as json_value};
 use sqlx::Row;
 use tokio::sync::{broadcast, mpsc};
 
+use super::dicom::header_not_rendered;
 use super::patient_owners::RememberedOwner;
 use super::search_index::patient_identifier_token;
 use super::writer::Precondition;
 use super::{PreparedWrite, RecordBody, RecordError, RecordKey, RecordStored, Records};
 use crate::access::{Principal, Role};
 use crate::journal::{AuditDraft, codes};
+use crate::vault::{PatientKeyring, VaultError};
 
 /// The most instances listed in one ImagingStudy (larger studies list their series only).
 const MAX_LISTED_INSTANCES: usize = 10_000;
@@ -85,8 +87,7 @@ const LISTED_TAGS: [Tag; 7] = [
 /// beside its header: a rebuild then opens a few hundred bytes per instance instead of the whole
 /// header (about 14 KB for a CT slice).
 pub(super) fn listed_values_json(instance: &Instance) -> Result<Vec<u8>, RecordError> {
-    json::selected_json_bytes(&instance.header, &LISTED_TAGS)
-        .map_err(|_| RecordError::Invalid("the header cannot be rendered as DICOM JSON".to_owned()))
+    json::selected_json_bytes(&instance.header, &LISTED_TAGS).map_err(header_not_rendered)
 }
 
 impl ListedValues {
@@ -111,6 +112,20 @@ impl ListedValues {
             series_number: number(series_number),
             series_description,
         })
+    }
+}
+
+/// Opens an index value sealed to the patient; `None` when the patient was crypto-shredded (the
+/// study is then not rebuilt).
+async fn open_unless_shredded(
+    keyring: &mut PatientKeyring<'_>,
+    patient_ref: &str,
+    ciphertext: &[u8],
+) -> Result<Option<Vec<u8>>, RecordError> {
+    match keyring.open_index_value(patient_ref, ciphertext).await {
+        Ok(plaintext) => Ok(Some(plaintext)),
+        Err(VaultError::PatientShredded) => Ok(None),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -139,16 +154,13 @@ impl Records {
         let Some((first_patient_ref, first_ciphertext)) = first else {
             return Ok(None);
         };
-        let first_header = match keyring
-            .open_index_value(&first_patient_ref, &first_ciphertext)
-            .await
-        {
-            Ok(plaintext) => {
-                serde_json::from_slice::<Value>(&plaintext).map_err(|_| RecordError::Damaged)?
-            }
-            Err(crate::vault::VaultError::PatientShredded) => return Ok(None),
-            Err(error) => return Err(error.into()),
+        let Some(first_plaintext) =
+            open_unless_shredded(&mut keyring, &first_patient_ref, &first_ciphertext).await?
+        else {
+            return Ok(None);
         };
+        let first_header =
+            serde_json::from_slice::<Value>(&first_plaintext).map_err(|_| RecordError::Damaged)?;
         let total: i64 =
             sqlx::query_scalar("SELECT COUNT(*) FROM dicom_instances WHERE study_key = $1")
                 .bind(study_key)
@@ -173,10 +185,10 @@ impl Records {
             for row in &rows {
                 let patient_ref: String = row.try_get(1)?;
                 let ciphertext: Vec<u8> = row.try_get(2)?;
-                let plaintext = match keyring.open_index_value(&patient_ref, &ciphertext).await {
-                    Ok(plaintext) => plaintext,
-                    Err(crate::vault::VaultError::PatientShredded) => return Ok(None),
-                    Err(error) => return Err(error.into()),
+                let Some(plaintext) =
+                    open_unless_shredded(&mut keyring, &patient_ref, &ciphertext).await?
+                else {
+                    return Ok(None);
                 };
                 listed.push(IndexedInstance {
                     series_key: row.try_get(0)?,
