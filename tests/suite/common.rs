@@ -130,13 +130,44 @@ pub fn clinician() -> Arc<Principal> {
     })
 }
 
-/// A free loopback port.
+/// Where test processes reserve the ports they hand out (one lock file per port).
+const PORT_RESERVATIONS: &str = "glastonbury-test-ports";
+
+/// Test ports come from below Linux's ephemeral range (32768 and up by default), so an outgoing
+/// connection never takes a port between its reservation and the server binding it.
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// The reservations this process holds; each lock is released when the process exits.
+static RESERVED_PORTS: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+
+/// A free loopback port that no other test process (or thread) is handed while this one runs.
+///
+/// Binding port 0 and letting it go is not enough: tests run in parallel, each server takes two
+/// ports, and two of them could draw the same one between the draw and the bind. The second
+/// server then fails to start while the first answers its readiness check (stop 27's CI).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use rand::Rng;
+    let folder = std::env::temp_dir().join(PORT_RESERVATIONS);
+    std::fs::create_dir_all(&folder).unwrap();
+    let mut random = rand::thread_rng();
+    for _ in 0..1000 {
+        let port = random.gen_range(TEST_PORTS);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(folder.join(format!("{port}.lock")))
+            .unwrap();
+        if lock.try_lock().is_err() {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        RESERVED_PORTS.lock().unwrap().push(lock);
+        return port;
+    }
+    panic!("no free test port in {TEST_PORTS:?}");
 }
 
 /// A `glastonbury serve` child process; killed on drop.
@@ -198,7 +229,7 @@ impl Server {
             .stderr(log)
             .spawn()
             .unwrap();
-        let server = Self {
+        let mut server = Self {
             child,
             base_url: format!("http://127.0.0.1:{port}"),
             log_path,
@@ -208,10 +239,17 @@ impl Server {
         server
     }
 
-    fn wait_ready(&self) {
+    /// Waits for `/readyz`; fails at once, with the server's log, if the server exits first.
+    fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         let client = reqwest::blocking::Client::new();
         while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "server exited ({status}) before it was ready: {}",
+                    std::fs::read_to_string(&self.log_path).unwrap_or_default()
+                );
+            }
             if let Ok(response) = client.get(format!("{}/readyz", self.base_url)).send()
                 && response.status().is_success()
             {
