@@ -56,15 +56,41 @@ pub fn pixel_data_span(
     data: &[u8],
     encoding: Encoding,
 ) -> Result<Option<Range<usize>>, StructureError> {
-    let mut scanner = Scanner {
-        data,
-        position: 0,
-        encoding,
-        depth: 0,
-        pixel_data: None,
-    };
+    let mut scanner = Scanner::new(data, encoding);
     scanner.data_set(Some(data.len()))?;
     Ok(scanner.pixel_data)
+}
+
+/// One top-level element: its tag, its VR as encoded (`None` in implicit VR) and where its
+/// value lies in the data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopLevelElement {
+    pub tag: Tag,
+    pub vr: Option<VR>,
+    pub value: Range<usize>,
+}
+
+/// The top-level elements of `data`, checked as [`check`] checks them.
+pub fn top_level_elements(
+    data: &[u8],
+    encoding: Encoding,
+) -> Result<Vec<TopLevelElement>, StructureError> {
+    let mut scanner = Scanner::new(data, encoding);
+    let mut elements = Vec::new();
+    while scanner.position < data.len() {
+        let header = scanner.header()?;
+        if header.tag.group() == 0xFFFE {
+            return Err(StructureError::StrayDelimiter);
+        }
+        let value_start = scanner.position;
+        scanner.element(&header, data.len())?;
+        elements.push(TopLevelElement {
+            tag: header.tag,
+            vr: header.vr,
+            value: value_start..scanner.position,
+        });
+    }
+    Ok(elements)
 }
 
 struct Scanner<'a> {
@@ -82,7 +108,17 @@ struct Header {
     length: u32,
 }
 
-impl Scanner<'_> {
+impl<'a> Scanner<'a> {
+    fn new(data: &'a [u8], encoding: Encoding) -> Self {
+        Self {
+            data,
+            position: 0,
+            encoding,
+            depth: 0,
+            pixel_data: None,
+        }
+    }
+
     /// Elements until `end` (a defined length) or until an item delimiter (`None`).
     fn data_set(&mut self, end: Option<usize>) -> Result<(), StructureError> {
         loop {

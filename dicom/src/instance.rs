@@ -197,34 +197,25 @@ fn parse_header(
 /// last element, ends by failing to read one more element header, and that error captures a
 /// stack backtrace (1 % of the server's CPU per STOW-RS instance of a CT with such padding).
 fn trailing_padding(
-    mut trailing: &[u8],
+    trailing: &[u8],
     encoding: Encoding,
 ) -> Option<Vec<DataElement<InMemDicomObject>>> {
-    let mut elements = Vec::new();
-    while !trailing.is_empty() {
-        let header_length = match encoding {
-            Encoding::ExplicitLittle if trailing.get(4..8)? == b"OB\0\0" => 12,
-            Encoding::ImplicitLittle => 8,
-            _ => return None,
-        };
-        let tag = Tag(
-            u16::from_le_bytes([*trailing.first()?, *trailing.get(1)?]),
-            u16::from_le_bytes([*trailing.get(2)?, *trailing.get(3)?]),
-        );
-        if tag != tags::DATA_SET_TRAILING_PADDING {
-            return None;
-        }
-        let length_bytes = trailing.get(header_length - 4..header_length)?;
-        let length = u32::from_le_bytes(length_bytes.try_into().ok()?) as usize;
-        let value = trailing.get(header_length..header_length.checked_add(length)?)?;
-        let value = match value {
-            [] => PrimitiveValue::Empty,
-            bytes => PrimitiveValue::from(bytes.to_vec()),
-        };
-        elements.push(DataElement::new(tag, VR::OB, value));
-        trailing = &trailing[header_length + length..];
-    }
-    Some(elements)
+    let elements = guard::top_level_elements(trailing, encoding).ok()?;
+    elements
+        .into_iter()
+        .map(|element| {
+            let is_padding = element.tag == tags::DATA_SET_TRAILING_PADDING
+                && element.vr.is_none_or(|vr| vr == VR::OB);
+            if !is_padding {
+                return None;
+            }
+            let value = match &trailing[element.value] {
+                [] => PrimitiveValue::Empty,
+                bytes => PrimitiveValue::from(bytes.to_vec()),
+            };
+            Some(DataElement::new(element.tag, VR::OB, value))
+        })
+        .collect()
 }
 
 /// Reads a checked Part 10 file up to its top-level Pixel Data. dicom-rs's reader stops there
