@@ -1,5 +1,5 @@
-//! DICOMweb at `/dicomweb` (PS3.18): STOW-RS (streamed, instance by instance, with per-instance
-//! results), QIDO-RS for studies, series and instances, and WADO-RS retrieval of studies,
+//! DICOMweb at `/dicomweb` (PS3.18): STOW-RS (streamed: each instance stored as soon as it has
+//! arrived, several at once, with per-instance results in the order sent), QIDO-RS for studies, series and instances, and WADO-RS retrieval of studies,
 //! series and instances as `multipart/related` Part 10 (byte for byte as stored), of their
 //! metadata as DICOM JSON, of frames (as stored: compressed frames are not transcoded) and of
 //! rendered JPEG or PNG images of a frame. Everything goes through the record path's DICOM calls; errors outside
@@ -21,6 +21,7 @@ use glastonbury_dicom::qido::{self, Level};
 use glastonbury_dicom::render::{self, ImageFormat, RenderError, RenderRequest, Window};
 use glastonbury_dicom::{InstanceError, json};
 use serde_json::{Map, Value, json as json_value};
+use tracing::Instrument;
 
 use super::AppState;
 use super::authenticate::Caller;
@@ -829,7 +830,11 @@ async fn run_store(
     };
     let mut reader = PartReader::new(&boundary, multipart::DEFAULT_MAX_PART_BYTES);
     let mut body = request.into_body().into_data_stream();
-    let mut outcomes = Vec::new();
+    let mut stores = PartStores::new(Arc::new(StoreContext {
+        records: Arc::clone(&state.appliance.records),
+        allowed,
+        source_ae_title,
+    }));
     // A study may take long to upload: the deadline is per chunk, not per request.
     let idle_limit =
         std::time::Duration::from_secs(state.appliance.settings.request_timeout_seconds);
@@ -838,6 +843,7 @@ async fn run_store(
             Ok(Some(chunk)) => chunk,
             Ok(None) => break,
             Err(_) => {
+                stores.finish_all().await;
                 return Problem::new(
                     StatusCode::REQUEST_TIMEOUT,
                     "Request Timeout",
@@ -847,11 +853,13 @@ async fn run_store(
             }
         };
         let Ok(chunk) = chunk else {
+            stores.finish_all().await;
             return bad_request("the request body could not be read");
         };
         let parts = match reader.push(&chunk) {
             Ok(parts) => parts,
             Err(error) => {
+                let outcomes = stores.finish_all().await;
                 return stow_answer(
                     &state,
                     outcomes,
@@ -861,18 +869,13 @@ async fn run_store(
             }
         };
         for part in parts {
-            outcomes.push(
-                store_part(
-                    records,
-                    &allowed,
-                    part,
-                    target_study.as_deref(),
-                    source_ae_title.as_deref(),
-                )
-                .await,
-            );
+            match checked_part(part, target_study.as_deref()) {
+                Ok(instance) => stores.start(instance).await,
+                Err(refused) => stores.refused(refused),
+            }
         }
     }
+    let outcomes = stores.finish_all().await;
     if let Err(error) = reader.finish() {
         return stow_answer(
             &state,
@@ -884,13 +887,132 @@ async fn run_store(
     stow_answer(&state, outcomes, None, target_study.as_deref())
 }
 
-async fn store_part(
-    records: &crate::records::Records,
-    allowed: &crate::access::Allowed<access::Create>,
+/// The most parts of one request stored at once, and the most bytes they may hold together
+/// (a larger part is stored alone). While the writer commits one part the next ones are parsed
+/// and encrypted, so the writer finds several in its queue and commits them together.
+const MAX_PART_STORES_IN_FLIGHT: usize = 8;
+const MAX_PART_BYTES_IN_FLIGHT: usize = 64 << 20;
+
+/// What every part of one request is stored with.
+struct StoreContext {
+    records: Arc<crate::records::Records>,
+    allowed: crate::access::Allowed<access::Create>,
+    source_ae_title: Option<String>,
+}
+
+/// A part refused before its store began, or one being stored.
+enum PartStore {
+    Refused(StoreOutcome),
+    Storing {
+        sop_instance_uid: String,
+        bytes: usize,
+        task: tokio::task::JoinHandle<StoreOutcome>,
+    },
+}
+
+/// The stores of one STOW-RS request: each part's store runs as its own task while the next
+/// parts arrive, and the outcomes come back in the order of the parts. A part that repeats the
+/// SOP Instance UID of a part still being stored waits for it, so the later part is the stored
+/// version, as when the parts are stored one after another.
+struct PartStores {
+    context: Arc<StoreContext>,
+    pending: std::collections::VecDeque<PartStore>,
+    bytes_in_flight: usize,
+    outcomes: Vec<StoreOutcome>,
+}
+
+impl PartStores {
+    fn new(context: Arc<StoreContext>) -> Self {
+        Self {
+            context,
+            pending: std::collections::VecDeque::new(),
+            bytes_in_flight: 0,
+            outcomes: Vec::new(),
+        }
+    }
+
+    fn refused(&mut self, outcome: StoreOutcome) {
+        self.pending.push_back(PartStore::Refused(outcome));
+    }
+
+    /// Starts storing `instance` once there is room for it.
+    async fn start(&mut self, instance: glastonbury_dicom::instance::Instance) {
+        let bytes = instance.part10.len();
+        while self.storing() > 0
+            && (self.storing() >= MAX_PART_STORES_IN_FLIGHT
+                || self.bytes_in_flight + bytes > MAX_PART_BYTES_IN_FLIGHT
+                || self.is_storing(&instance.sop_instance_uid))
+        {
+            self.finish_oldest().await;
+        }
+        let sop_instance_uid = instance.sop_instance_uid.clone();
+        let context = Arc::clone(&self.context);
+        // In the request's span, so its log lines keep the request id.
+        let task = tokio::spawn(
+            async move { store_instance(&context, instance).await }
+                .instrument(tracing::Span::current()),
+        );
+        self.bytes_in_flight += bytes;
+        self.pending.push_back(PartStore::Storing {
+            sop_instance_uid,
+            bytes,
+            task,
+        });
+    }
+
+    fn storing(&self) -> usize {
+        self.pending
+            .iter()
+            .filter(|store| matches!(store, PartStore::Storing { .. }))
+            .count()
+    }
+
+    fn is_storing(&self, uid: &str) -> bool {
+        self.pending.iter().any(|store| {
+            matches!(store, PartStore::Storing { sop_instance_uid, .. } if sop_instance_uid == uid)
+        })
+    }
+
+    /// Waits for the oldest part (and takes every refusal before it).
+    async fn finish_oldest(&mut self) {
+        while let Some(store) = self.pending.pop_front() {
+            match store {
+                PartStore::Refused(outcome) => self.outcomes.push(outcome),
+                PartStore::Storing {
+                    sop_instance_uid,
+                    bytes,
+                    task,
+                } => {
+                    self.bytes_in_flight -= bytes;
+                    let outcome = task.await.unwrap_or_else(|error| {
+                        tracing::error!(error = %error, "stow instance store task failed");
+                        StoreOutcome::Failed {
+                            sop_class_uid: String::new(),
+                            sop_instance_uid,
+                            reason: glastonbury_dicom::dimse::status::PROCESSING_FAILURE,
+                        }
+                    });
+                    self.outcomes.push(outcome);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for every part still being stored; the outcomes of all parts, in their order.
+    async fn finish_all(mut self) -> Vec<StoreOutcome> {
+        while !self.pending.is_empty() {
+            self.finish_oldest().await;
+        }
+        self.outcomes
+    }
+}
+
+/// Reads one part as a DICOM instance, or the failure to answer for it.
+fn checked_part(
     part: multipart::Part,
     target_study: Option<&str>,
-    source_ae_title: Option<&str>,
-) -> StoreOutcome {
+) -> Result<glastonbury_dicom::instance::Instance, StoreOutcome> {
     let failed = |reason: u16| StoreOutcome::Failed {
         sop_class_uid: String::new(),
         sop_instance_uid: String::new(),
@@ -900,28 +1022,40 @@ async fn store_part(
         .media_type()
         .is_some_and(|media| media != "application/dicom")
     {
-        return failed(0xC000);
+        return Err(failed(0xC000));
     }
     let instance = match glastonbury_dicom::instance::from_part10(part.body) {
         Ok(instance) => instance,
         Err(error) => {
             tracing::info!(reason = %error, "stow part refused");
-            return failed(error.status());
+            return Err(failed(error.status()));
         }
     };
+    if target_study.is_some_and(|study| study != instance.study_instance_uid) {
+        return Err(StoreOutcome::Failed {
+            sop_class_uid: instance.sop_class_uid,
+            sop_instance_uid: instance.sop_instance_uid,
+            reason: InstanceError::SopInstanceMismatch("the study of the request URL").status(),
+        });
+    }
+    Ok(instance)
+}
+
+async fn store_instance(
+    context: &StoreContext,
+    instance: glastonbury_dicom::instance::Instance,
+) -> StoreOutcome {
     let sop_class_uid = instance.sop_class_uid.clone();
     let sop_instance_uid = instance.sop_instance_uid.clone();
     let study_uid = instance.study_instance_uid.clone();
     let series_uid = instance.series_instance_uid.clone();
-    if target_study.is_some_and(|study| study != study_uid) {
-        return StoreOutcome::Failed {
-            sop_class_uid,
-            sop_instance_uid,
-            reason: InstanceError::SopInstanceMismatch("the study of the request URL").status(),
-        };
-    }
-    match records
-        .store_dicom_instance(allowed, instance, source_ae_title)
+    match context
+        .records
+        .store_dicom_instance(
+            &context.allowed,
+            instance,
+            context.source_ae_title.as_deref(),
+        )
         .await
     {
         Ok(_) => StoreOutcome::Stored {

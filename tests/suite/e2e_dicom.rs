@@ -557,6 +557,70 @@ fn a_studys_metadata_and_imaging_study_name_every_instance_of_every_series() {
     assert_lists_every_instance_in_order(&rebuilt, &stored);
 }
 
+/// A request of many parts is stored while it is read, several parts at a time: the answer
+/// still names every part in the order it came, and a part that repeats an earlier part's SOP
+/// Instance UID is the version kept, as when parts are stored one after another.
+#[test]
+fn a_stow_request_of_many_parts_answers_in_order_and_the_later_duplicate_wins() {
+    let gateway = Gateway::start();
+    let files = write_study(&gateway, 2, 12);
+    let mut parts: Vec<Vec<u8>> = files
+        .iter()
+        .map(|path| std::fs::read(path).unwrap())
+        .collect();
+    // The second part is the first one again, with another series description of the same
+    // length ("series 9" for "series 1" or "series 2"): the same instance, other content, sent
+    // while the first one is still being stored.
+    let first = parts[0].clone();
+    let description = b"series ";
+    let at = first
+        .windows(description.len())
+        .position(|window| window == description)
+        .unwrap();
+    let mut changed = first.clone();
+    changed[at + description.len()] = b'9';
+    // Refusals between the stores: their places in the answer follow the parts too.
+    parts.insert(1, changed.clone());
+    parts.insert(5, b"not dicom at all".to_vec());
+    parts.insert(17, read("no_meta.dcm"));
+
+    let (status, answer) = gateway.stow(&gateway.writer_token, "studies", &parts);
+    assert_eq!(status, 202, "{answer}");
+    let referenced: Vec<String> = answer["00081199"]["Value"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| text(item, "00081155").unwrap())
+        .collect();
+    let expected: Vec<String> = parts
+        .iter()
+        .filter_map(|part| glastonbury_dicom::instance::from_part10(part.clone()).ok())
+        .map(|instance| instance.sop_instance_uid)
+        .collect();
+    assert_eq!(expected.len(), 25);
+    assert_eq!(referenced, expected, "stored parts answered in their order");
+    assert_eq!(answer["00081198"]["Value"].as_array().unwrap().len(), 2);
+
+    let instance = glastonbury_dicom::instance::from_part10(first).unwrap();
+    let series = gateway.qido(&format!("studies/{}/series", instance.study_instance_uid));
+    assert_eq!(series.len(), 2);
+    let instances = gateway.qido(&format!(
+        "studies/{}/instances",
+        instance.study_instance_uid
+    ));
+    assert_eq!(
+        instances.len(),
+        24,
+        "every distinct instance is stored once"
+    );
+    let retrieved = gateway.retrieve(
+        &instance.study_instance_uid,
+        &instance.series_instance_uid,
+        &instance.sop_instance_uid,
+    );
+    assert!(retrieved == changed, "the later part is the stored version");
+}
+
 /// The study's ImagingStudy once `ready` holds for it (it is derived shortly after a store).
 fn wait_for_imaging_study(
     gateway: &Gateway,
