@@ -28,8 +28,12 @@ def pynetdicom_store(args):
         results.append({"file": path, "status": int(status.Status) if status else None,
                         "comment": str(status.get("ErrorComment", "")) if status else ""})
     echo = association.send_c_echo()
+    # What pynetdicom saw of the association once the echo returned (an unanswered echo leaves
+    # it established; an abort or a closed connection does not).
+    state_after_echo = {"established": association.is_established, "aborted": association.is_aborted}
     association.release()
-    print(json.dumps({"established": True, "stores": results, "echo_after": int(echo.Status) if echo else None}))
+    print(json.dumps({"established": True, "stores": results, "echo_after": int(echo.Status) if echo else None,
+                      "association_after_echo": state_after_echo}))
 
 
 def pynetdicom_find(args):
