@@ -30,7 +30,7 @@ use crate::access::{self, Principal};
 use crate::appliance::Appliance;
 use crate::auth::ClientRegistration;
 use crate::records::RecordError;
-use crate::records::dicom::{DicomScope, IMAGING_RESOURCE_TYPE};
+use crate::records::dicom::{DicomScope, DicomStoreRefusal, IMAGING_RESOURCE_TYPE};
 
 /// The largest PDU this SCP accepts (bigger PDUs mean fewer reads per instance).
 const MAX_PDU_LENGTH: u32 = 256 * 1024;
@@ -494,20 +494,9 @@ impl Context<'_> {
             .await
         {
             Ok(_) => (status::SUCCESS, None),
-            Err(RecordError::Invalid(reason)) => (status::UNABLE_TO_PROCESS, Some(reason)),
-            Err(RecordError::Shredded) => {
-                tracing::info!("c-store refused: the patient was crypto-shredded");
-                (
-                    status::REFUSED_NOT_AUTHORIZED,
-                    Some("this patient's data was crypto-shredded; nothing was stored".to_owned()),
-                )
-            }
             Err(error) => {
-                tracing::error!(error = %error, "c-store not stored");
-                (
-                    status::OUT_OF_RESOURCES,
-                    Some("storage is unavailable; nothing was stored".to_owned()),
-                )
+                let refusal = DicomStoreRefusal::of(error);
+                (refusal.status, Some(refusal.comment))
             }
         }
     }

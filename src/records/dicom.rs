@@ -213,6 +213,45 @@ impl DicomEgress {
     }
 }
 
+/// Why a DICOM instance was not stored, as both DICOM surfaces (C-STORE and STOW-RS) answer it:
+/// the DICOM status and a comment for the sender that names no PHI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DicomStoreRefusal {
+    pub status: u16,
+    pub comment: String,
+}
+
+impl DicomStoreRefusal {
+    /// The refusal for an error of [`Records::store_dicom_instance`], logged once here.
+    pub fn of(error: RecordError) -> Self {
+        use glastonbury_dicom::dimse::status;
+        match error {
+            RecordError::Invalid(reason) => {
+                tracing::info!(reason = %reason, "dicom instance refused");
+                Self {
+                    status: status::UNABLE_TO_PROCESS,
+                    comment: reason,
+                }
+            }
+            RecordError::Shredded => {
+                tracing::info!("dicom instance refused: the patient was crypto-shredded");
+                Self {
+                    status: status::REFUSED_NOT_AUTHORIZED,
+                    comment: "this patient's data was crypto-shredded; nothing was stored"
+                        .to_owned(),
+                }
+            }
+            error => {
+                tracing::error!(error = %error, "dicom instance not stored");
+                Self {
+                    status: status::OUT_OF_RESOURCES,
+                    comment: "storage is unavailable; nothing was stored".to_owned(),
+                }
+            }
+        }
+    }
+}
+
 /// Instance headers read in one query by [`Records::dicom_headers`].
 const HEADERS_PER_QUERY: usize = 500;
 

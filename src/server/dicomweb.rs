@@ -28,7 +28,9 @@ use super::authenticate::Caller;
 use super::problem::Problem;
 use crate::access;
 use crate::records::RecordError;
-use crate::records::dicom::{DicomMatch, DicomScope, IMAGING_RESOURCE_TYPE, RetrievableInstance};
+use crate::records::dicom::{
+    DicomMatch, DicomScope, DicomStoreRefusal, IMAGING_RESOURCE_TYPE, RetrievableInstance,
+};
 
 /// The media type of DICOM JSON.
 pub const DICOM_JSON: &str = "application/dicom+json";
@@ -1022,7 +1024,7 @@ fn checked_part(
         .media_type()
         .is_some_and(|media| media != "application/dicom")
     {
-        return Err(failed(0xC000));
+        return Err(failed(glastonbury_dicom::dimse::status::UNABLE_TO_PROCESS));
     }
     let instance = match glastonbury_dicom::instance::from_part10(part.body) {
         Ok(instance) => instance,
@@ -1064,30 +1066,11 @@ async fn store_instance(
             study_uid,
             series_uid,
         },
-        Err(RecordError::Invalid(reason)) => {
-            tracing::info!(reason = %reason, "stow instance refused");
-            StoreOutcome::Failed {
-                sop_class_uid,
-                sop_instance_uid,
-                reason: 0xC000,
-            }
-        }
-        Err(RecordError::Shredded) => {
-            tracing::info!("stow instance refused: the patient was crypto-shredded");
-            StoreOutcome::Failed {
-                sop_class_uid,
-                sop_instance_uid,
-                reason: glastonbury_dicom::dimse::status::REFUSED_NOT_AUTHORIZED,
-            }
-        }
-        Err(error) => {
-            tracing::error!(error = %error, "stow instance not stored");
-            StoreOutcome::Failed {
-                sop_class_uid,
-                sop_instance_uid,
-                reason: 0xA700,
-            }
-        }
+        Err(error) => StoreOutcome::Failed {
+            sop_class_uid,
+            sop_instance_uid,
+            reason: DicomStoreRefusal::of(error).status,
+        },
     }
 }
 
