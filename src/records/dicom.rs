@@ -215,7 +215,7 @@ impl DicomEgress {
 
 /// Why a DICOM instance was not stored, as both DICOM surfaces (C-STORE and STOW-RS) answer it:
 /// the DICOM status and a comment for the sender that names no PHI.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct DicomStoreRefusal {
     pub status: u16,
     pub comment: String,

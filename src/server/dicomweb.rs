@@ -1,9 +1,10 @@
 //! DICOMweb at `/dicomweb` (PS3.18): STOW-RS (streamed: each instance stored as soon as it has
-//! arrived, several at once, with per-instance results in the order sent), QIDO-RS for studies, series and instances, and WADO-RS retrieval of studies,
-//! series and instances as `multipart/related` Part 10 (byte for byte as stored), of their
-//! metadata as DICOM JSON, of frames (as stored: compressed frames are not transcoded) and of
-//! rendered JPEG or PNG images of a frame. Everything goes through the record path's DICOM calls; errors outside
-//! the DICOM status model are RFC 9457 problem documents.
+//! arrived, several at once, with per-instance results in the order sent), QIDO-RS for studies,
+//! series and instances, and WADO-RS retrieval of studies, series and instances as
+//! `multipart/related` Part 10 (byte for byte as stored), of their metadata as DICOM JSON, of
+//! frames (as stored: compressed frames are not transcoded) and of rendered JPEG or PNG images of a
+//! frame. Everything goes through the record path's DICOM calls; errors outside the DICOM status
+//! model are RFC 9457 problem documents.
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use dicom_dictionary_std::tags;
 use futures::StreamExt;
+use glastonbury_dicom::dimse;
 use glastonbury_dicom::frames::{self, FrameError};
 use glastonbury_dicom::multipart::{self, PartReader};
 use glastonbury_dicom::qido::{self, Level};
@@ -991,7 +993,7 @@ impl PartStores {
                         StoreOutcome::Failed {
                             sop_class_uid: String::new(),
                             sop_instance_uid,
-                            reason: glastonbury_dicom::dimse::status::PROCESSING_FAILURE,
+                            reason: dimse::status::PROCESSING_FAILURE,
                         }
                     });
                     self.outcomes.push(outcome);
@@ -1024,7 +1026,7 @@ fn checked_part(
         .media_type()
         .is_some_and(|media| media != "application/dicom")
     {
-        return Err(failed(glastonbury_dicom::dimse::status::UNABLE_TO_PROCESS));
+        return Err(failed(dimse::status::UNABLE_TO_PROCESS));
     }
     let instance = match glastonbury_dicom::instance::from_part10(part.body) {
         Ok(instance) => instance,
